@@ -88,12 +88,12 @@ func ParseDuration(s string) (time.Duration, error) {
 	if s == "" {
 		return 0, nil
 	}
-	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil && n >= 0 && n <= 100*365*86400 {
 		return time.Duration(n) * time.Second, nil
 	}
 	if strings.HasSuffix(s, "d") {
 		n, err := strconv.ParseFloat(strings.TrimSuffix(s, "d"), 64)
-		if err == nil && n >= 0 {
+		if err == nil && n >= 0 && n <= 36500 {
 			return time.Duration(n * float64(24*time.Hour)), nil
 		}
 	}

@@ -1,0 +1,148 @@
+// Package agent assembles a running wsplice: host tuning, data planes, the
+// proxy, and the operator endpoints, and owns their start and stop order.
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/wsplice/wsplice/pkg/config"
+	"github.com/wsplice/wsplice/pkg/dataplane"
+	"github.com/wsplice/wsplice/pkg/proxy"
+)
+
+// Options are what the command line gives the agent besides the config.
+type Options struct {
+	Config     *config.Config
+	ConfigPath string // for reload; empty when the config came from flags
+	Logger     *slog.Logger
+	// Ready, when set, receives the agent once it listens (tests, the demo).
+	Ready func(*Agent)
+}
+
+// Agent is one running wsplice.
+type Agent struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	Proxy   *proxy.Server
+	Splice  *dataplane.Splice
+	Sockmap *dataplane.Sockmap // nil when the kernel path is unavailable
+	access  *accessLog
+}
+
+// Run starts the agent and blocks until ctx is cancelled (first SIGTERM or
+// SIGINT), then drains: listeners close, established connections get
+// drain_timeout to finish, the rest are closed gradually. A second signal
+// during the drain closes everything at once.
+func Run(ctx context.Context, opts Options) error {
+	cfg := opts.Config
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	a := &Agent{cfg: cfg, log: log}
+	if err := a.start(); err != nil {
+		a.stopPlanes()
+		return err
+	}
+	if opts.Ready != nil {
+		opts.Ready(a)
+	}
+	<-ctx.Done()
+
+	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout.D())
+	defer cancel()
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(again)
+	go func() {
+		select {
+		case <-again:
+			log.Warn("second signal: closing every connection now")
+			cancel()
+		case <-drainCtx.Done():
+		}
+	}()
+	log.Info("stopping", "drain_timeout", cfg.DrainTimeout.D(), "connections", a.Proxy.Active())
+	spread := min(cfg.DrainTimeout.D()/10, 5*time.Second)
+	a.Proxy.Shutdown(drainCtx, spread)
+	a.stopPlanes()
+	a.access.close()
+	log.Info("stopped")
+	return nil
+}
+
+func (a *Agent) start() error {
+	a.Splice = dataplane.NewSplice(dataplane.SpliceOptions{Logger: a.log})
+	planes := proxy.Planes{Splice: a.Splice}
+	if a.wantsSockmap() {
+		s := a.cfg.Sockmap
+		sm, err := dataplane.NewSockmap(dataplane.SockmapOptions{
+			MaxConns: s.MaxConns, ParkedHighWater: s.ParkedHighWater, RateLimit: s.RateLimit,
+			PollInterval: s.PollInterval.D(), RcvBuf: s.RcvBuf, Fallback: a.Splice, Logger: a.log,
+		})
+		switch {
+		case err == nil:
+			a.Sockmap = sm
+			planes.Sockmap = sm
+			a.log.Info("data plane: sockmap (in-kernel forwarding), splice as fallback")
+		case a.requiresSockmap():
+			return fmt.Errorf("dataplane sockmap was requested but is unavailable: %w (use dataplane: auto to fall back to splice)", err)
+		default:
+			a.log.Warn("data plane: splice, because the sockmap plane is unavailable", "why", err)
+		}
+	} else {
+		a.log.Info("data plane: splice (configured)")
+	}
+	access, err := openAccessLog(a.cfg.Log)
+	if err != nil {
+		return err
+	}
+	a.access = access
+	srv, err := proxy.New(a.cfg, planes, proxy.Options{Logger: a.log, OnClose: access.write})
+	if err != nil {
+		return err
+	}
+	a.Proxy = srv
+	return srv.Start()
+}
+
+// wantsSockmap: some listener may use the kernel path.
+func (a *Agent) wantsSockmap() bool {
+	for _, l := range a.cfg.Listeners {
+		if l.Dataplane != "splice" {
+			return true
+		}
+	}
+	return false
+}
+
+// requiresSockmap: a listener insists on the kernel path.
+func (a *Agent) requiresSockmap() bool {
+	for _, l := range a.cfg.Listeners {
+		if l.Dataplane == "sockmap" {
+			return true
+		}
+	}
+	return false
+}
+
+func (a *Agent) stopPlanes() {
+	if a.Sockmap != nil {
+		if err := a.Sockmap.Close(); err != nil {
+			a.log.Warn("closing sockmap plane", "err", err)
+		}
+	}
+	if a.Splice != nil {
+		a.Splice.Close()
+	}
+}
+
+// Addr returns the bound address of the named listener (tests use ":0").
+func (a *Agent) Addr(name string) net.Addr { return a.Proxy.Addrs()[name] }

@@ -1,0 +1,347 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/wsplice/wsplice/pkg/balance"
+	"github.com/wsplice/wsplice/pkg/dataplane"
+	"github.com/wsplice/wsplice/pkg/handshake"
+)
+
+// handle is one connection's life from accept to the hand-off to a data
+// plane. Every refusal is answered (HTTP status in websocket mode, a plain
+// close in tcp mode), counted and logged.
+func (s *Server) handle(l *listener, c *net.TCPConn) {
+	start := time.Now()
+	client := clientAddr(c)
+	lim := s.lim.Load()
+	limKey, reason := lim.admit(client.Addr(), start)
+	if reason != "" {
+		s.refuse(l, c, client, reason, statusFor(reason), nil)
+		return
+	}
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			lim.release(limKey)
+		}
+	}
+	defer func() {
+		if !released {
+			release()
+		}
+	}()
+
+	st := s.state.Load()
+	conn := &Conn{Listener: l.cfg.Name, Client: client, Start: start, clientKey: limKey}
+	var head []byte // what goes to the backend first (head rewritten, or nothing)
+	var p *pool
+	var key balance.Key
+
+	switch l.cfg.Mode {
+	case "tcp":
+		p = st.pools[l.cfg.Pool]
+		key = p.key.compute(nil, client.Addr())
+		conn.Route = "tcp"
+	default:
+		var r *route
+		var ok bool
+		head, r, key, ok = s.readRequest(l, st, c, client, conn)
+		if !ok {
+			return
+		}
+		p = r.pool
+	}
+	conn.Pool = p.Name()
+
+	be, b, err := s.connect(p, key)
+	if err != nil {
+		reason := RefuseBackendFailed
+		if errors.Is(err, balance.ErrNoBackend) {
+			reason = RefuseNoBackend
+		}
+		s.refuse(l, c, client, reason, statusFor(reason), err)
+		return
+	}
+	conn.backend = b
+	conn.Backend = b.Address()
+	conn.Local = tcpAddr(c.LocalAddr())
+	conn.BackendTo = tcpAddr(be.RemoteAddr())
+	conn.BackendFrom = tcpAddr(be.LocalAddr())
+	ok := false
+	defer func() {
+		if !ok {
+			be.Close()
+			b.Release()
+		}
+	}()
+
+	if err := s.sendHead(p, be, c, client, head); err != nil {
+		s.log.Debug("backend write failed", "backend", conn.Backend, "err", err)
+		s.refuse(l, c, client, RefuseBackendFailed, 502, err)
+		return
+	}
+	if l.cfg.Mode != "tcp" {
+		status, err := s.relayResponse(l, c, be)
+		if err != nil {
+			s.refuse(l, c, client, RefuseBackendHead, 502, err)
+			return
+		}
+		conn.Status = status
+	}
+	conn.ID = s.ids.Add(1)
+	conn.Handshake = time.Since(start)
+	if !s.startPlane(l, conn, c, be, release) {
+		return
+	}
+	ok = true
+	released = true // the plane's Done releases the limiter slot now
+}
+
+// readRequest reads, parses and routes the client's request head. It
+// returns the head to send to the backend (rewritten, plus any bytes the
+// client pipelined behind it), the route and the hash key. On failure it
+// has already answered the client.
+func (s *Server) readRequest(l *listener, st *state, c *net.TCPConn, client netip.AddrPort, conn *Conn) ([]byte, *route, balance.Key, bool) {
+	lim := handshake.Limits{MaxHeadBytes: l.cfg.MaxHeadBytes, MaxHeaders: l.cfg.MaxHeaders}
+	c.SetReadDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
+	raw, rest, err := handshake.ReadHead(c, lim)
+	if err != nil {
+		var he *handshake.Error
+		switch {
+		case errors.As(err, &he):
+			s.refuse(l, c, client, he.Reason, he.Status, err)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			s.refuse(l, c, client, RefuseHeadTimeout, 408, err)
+		case errors.Is(err, io.EOF):
+			// The client went away before sending anything: not a refusal.
+			c.Close()
+		default:
+			s.refuse(l, c, client, RefuseMalformed, 0, err)
+		}
+		return nil, nil, balance.Key{}, false
+	}
+	c.SetReadDeadline(time.Time{})
+	req, err := handshake.ParseRequest(raw, lim)
+	if err != nil {
+		var he *handshake.Error
+		if errors.As(err, &he) {
+			s.refuse(l, c, client, he.Reason, he.Status, err)
+		} else {
+			s.refuse(l, c, client, RefuseMalformed, 400, err)
+		}
+		return nil, nil, balance.Key{}, false
+	}
+	var r *route
+	for _, cand := range l.routes {
+		if cand.match(req.Host, req.Path) {
+			r = cand
+			break
+		}
+	}
+	if r == nil && l.pool != nil {
+		r = &route{name: "default", pool: l.pool, key: l.pool.key}
+	}
+	if r == nil {
+		s.refuse(l, c, client, RefuseNoRoute, 404, nil)
+		return nil, nil, balance.Key{}, false
+	}
+	conn.Route = r.name
+	if !r.originAllowed(req.Origin()) {
+		s.refuse(l, c, client, RefuseOrigin, 403, nil)
+		return nil, nil, balance.Key{}, false
+	}
+	if !req.Upgrade && r.upgradeOnly {
+		s.refuse(l, c, client, RefuseNotUpgrade, 426, nil)
+		return nil, nil, balance.Key{}, false
+	}
+	fw := handshake.Forwarding{ClientAddr: client, Proto: "http", Headers: r.pool.cfg.Forward == "headers", Close: !req.Upgrade}
+	out := req.AppendRewritten(make([]byte, 0, len(raw)+128+len(rest)), fw)
+	out = append(out, rest...)
+	return out, r, r.key.compute(req, client.Addr()), true
+}
+
+// connect picks a backend and dials it, trying the next one on failure
+// (nginx proxy_next_upstream error timeout) up to the pool's max_tries.
+func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backend, error) {
+	var tried []*balance.Backend
+	skip := func(b *balance.Backend) bool {
+		for _, t := range tried {
+			if t == b {
+				return true
+			}
+		}
+		return false
+	}
+	var lastErr error
+	for try := 0; try < p.cfg.MaxTries; try++ {
+		b, err := p.Pick(key, skip)
+		if err != nil {
+			if lastErr != nil {
+				return nil, nil, lastErr
+			}
+			return nil, nil, err
+		}
+		tried = append(tried, b)
+		d := net.Dialer{Timeout: p.cfg.ConnectTimeout.D()}
+		d.SetMultipathTCP(false)
+		nc, err := d.DialContext(context.Background(), "tcp", b.Address())
+		if err != nil {
+			b.Release()
+			s.Counters.ConnectFails.Add(1)
+			s.log.Warn("backend connect failed", "pool", p.Name(), "backend", b.Address(), "try", try+1, "err", err)
+			lastErr = err
+			continue
+		}
+		return nc.(*net.TCPConn), b, nil
+	}
+	return nil, nil, lastErr
+}
+
+// sendHead writes the PROXY header (if the pool asks for one) and the
+// rewritten head with the client's pipelined bytes.
+func (s *Server) sendHead(p *pool, be, c *net.TCPConn, client netip.AddrPort, head []byte) error {
+	var pre []byte
+	local := netip.AddrPort{}
+	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		local = a.AddrPort()
+	}
+	switch p.cfg.Forward {
+	case "proxy_v1":
+		pre = handshake.AppendProxyV1(nil, client, local)
+	case "proxy_v2":
+		pre = handshake.AppendProxyV2(nil, client, local)
+	}
+	if len(pre) == 0 && len(head) == 0 {
+		return nil
+	}
+	be.SetWriteDeadline(time.Now().Add(p.cfg.ConnectTimeout.D()))
+	defer be.SetWriteDeadline(time.Time{})
+	_, err := be.Write(append(pre, head...))
+	return err
+}
+
+// relayResponse reads the backend's response head (bounded, with the
+// listener's handshake deadline) and passes it, with anything the backend
+// sent behind it, to the client. The status is kept for the logs.
+func (s *Server) relayResponse(l *listener, c, be *net.TCPConn) (int, error) {
+	lim := handshake.Limits{MaxHeadBytes: l.cfg.MaxHeadBytes, MaxHeaders: l.cfg.MaxHeaders}
+	be.SetReadDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
+	raw, rest, err := handshake.ReadHead(be, lim)
+	be.SetReadDeadline(time.Time{})
+	if err != nil {
+		return 0, err
+	}
+	status := 0
+	if resp, err := handshake.ParseResponse(raw, lim); err == nil {
+		status = resp.Status
+	}
+	c.SetWriteDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
+	defer c.SetWriteDeadline(time.Time{})
+	if _, err := c.Write(append(raw, rest...)); err != nil {
+		return status, err
+	}
+	return status, nil
+}
+
+// startPlane hands the pair to the listener's data plane. With "auto" a
+// connection the kernel path refuses (e.g. it already got FIN) goes to
+// splice instead.
+func (s *Server) startPlane(l *listener, conn *Conn, c, be *net.TCPConn, release func()) bool {
+	dc := &dataplane.Conn{
+		ID: conn.ID, Client: c, Backend: be, IdleTimeout: l.cfg.IdleTimeout.D(),
+		Done: func(r dataplane.Result) { s.closed(conn, r, release) },
+	}
+	var plane dataplane.Plane
+	if l.plane != "splice" && s.planes.Sockmap != nil {
+		plane = s.planes.Sockmap
+		conn.Plane = plane
+		s.table.add(conn)
+		err := plane.Start(dc)
+		if err == nil {
+			s.Counters.Established.Add(1)
+			return true
+		}
+		s.table.remove(conn.ID)
+		s.Counters.PlaneFallbacks.Add(1)
+		s.log.Debug("sockmap refused connection, using splice", "id", conn.ID, "err", err)
+	}
+	plane = s.planes.Splice
+	conn.Plane = plane
+	s.table.add(conn)
+	if err := plane.Start(dc); err != nil {
+		s.table.remove(conn.ID)
+		s.log.Warn("data plane failed", "id", conn.ID, "err", err)
+		c.Close()
+		return false
+	}
+	s.Counters.Established.Add(1)
+	return true
+}
+
+// closed runs when the data plane is done with a connection.
+func (s *Server) closed(conn *Conn, r dataplane.Result, release func()) {
+	s.table.remove(conn.ID)
+	conn.backend.Release()
+	release()
+	if s.onClose != nil {
+		s.onClose(conn, r)
+	}
+}
+
+// refuse answers and closes a connection that will not be proxied.
+func (s *Server) refuse(l *listener, c *net.TCPConn, client netip.AddrPort, reason string, status int, err error) {
+	s.Counters.Refused(reason)
+	attrs := []any{"listener", l.cfg.Name, "client", client.String(), "reason", reason}
+	if status != 0 {
+		attrs = append(attrs, "status", status)
+	}
+	if err != nil {
+		attrs = append(attrs, "err", err)
+	}
+	s.log.Info("refused", attrs...)
+	if l.cfg.Mode != "tcp" && status != 0 {
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		var extra []handshake.Header
+		if status == 429 || status == 503 {
+			extra = append(extra, handshake.Header{Name: "Retry-After", Value: "1"})
+		}
+		var buf bytes.Buffer
+		handshake.WriteError(&buf, status, extra...)
+		c.Write(buf.Bytes())
+		// Lingering close: let the client read the answer instead of an RST
+		// caused by unread request bytes.
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		io.Copy(io.Discard, io.LimitReader(c, 64<<10))
+	}
+	c.Close()
+}
+
+// statusFor maps a refusal reason to its HTTP status.
+func statusFor(reason string) int {
+	switch reason {
+	case RefuseMaxConns, RefuseNoBackend:
+		return 503
+	case RefusePerIPConns, RefusePerIPRate:
+		return 429
+	case RefuseBackendFailed, RefuseBackendHead:
+		return 502
+	}
+	return 400
+}
+
+func tcpAddr(a net.Addr) netip.AddrPort {
+	if t, ok := a.(*net.TCPAddr); ok {
+		return t.AddrPort()
+	}
+	return netip.AddrPort{}
+}

@@ -1,0 +1,68 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Listen opens a TCP listening socket with SO_REUSEPORT (so a new agent can
+// bind the same address during an upgrade, and several agents can share a
+// port) and plain TCP — never MPTCP, whose sockets cannot join a sockmap
+// (DESIGN.md fact 7; Go ≥ 1.24 listeners default to MPTCP). backlog ≤ 0
+// means net.core.somaxconn, which the kernel caps it to anyway.
+func Listen(address string, backlog int) (*net.TCPListener, error) {
+	if backlog <= 0 {
+		backlog = somaxconn()
+	}
+	lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(context.Background(), "tcp", address)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", address, err)
+	}
+	tl := ln.(*net.TCPListener)
+	// Go listens with somaxconn already; a configured backlog is applied by
+	// calling listen(2) again, which the kernel allows to change it.
+	if backlog != somaxconn() {
+		rc, err := tl.SyscallConn()
+		if err == nil {
+			var lerr error
+			_ = rc.Control(func(fd uintptr) { lerr = unix.Listen(int(fd), backlog) })
+			if lerr != nil {
+				tl.Close()
+				return nil, fmt.Errorf("setting backlog %d on %s: %w", backlog, address, lerr)
+			}
+		}
+	}
+	return tl, nil
+}
+
+// somaxconn reads net.core.somaxconn; 4096 (the kernel default since 5.4)
+// when it cannot.
+func somaxconn() int {
+	b, err := os.ReadFile("/proc/sys/net/core/somaxconn")
+	if err != nil {
+		return 4096
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || n <= 0 {
+		return 4096
+	}
+	return n
+}

@@ -1,0 +1,324 @@
+// Package proxy owns the listeners and one connection's life from accept to
+// close: limits, the upgrade handshake, routing, backend choice and connect,
+// and the hand-off to a data plane. It does not know how bytes move.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/wsplice/wsplice/pkg/balance"
+	"github.com/wsplice/wsplice/pkg/config"
+	"github.com/wsplice/wsplice/pkg/dataplane"
+)
+
+// Planes are the data planes the proxy can hand connections to. Sockmap is
+// nil when the kernel path is unavailable; Splice is always set.
+type Planes struct {
+	Sockmap dataplane.Plane
+	Splice  dataplane.Plane
+}
+
+// Options configure a Server beyond the config file.
+type Options struct {
+	Logger *slog.Logger
+	// OnClose, when set, is called once per established connection after it
+	// closed (the access log).
+	OnClose func(c *Conn, r dataplane.Result)
+}
+
+// Server is the running proxy: listeners, pools and the connection table.
+type Server struct {
+	log     *slog.Logger
+	planes  Planes
+	onClose func(*Conn, dataplane.Result)
+
+	state atomic.Pointer[state]
+	table *table
+	lim   atomic.Pointer[limiter]
+	ids   atomic.Uint64
+
+	// Counters are read by the metrics package.
+	Counters Counters
+
+	mu        sync.Mutex
+	listeners map[string]*listener // by address
+	draining  atomic.Bool
+	wg        sync.WaitGroup // accept loops and handshakes in progress
+}
+
+// state is everything a reload replaces at once.
+type state struct {
+	cfg   *config.Config
+	pools map[string]*pool
+}
+
+// listener is one open listening socket and its compiled routes.
+type listener struct {
+	cfg    config.Listener
+	ln     *net.TCPListener
+	routes []*route
+	pool   *pool // tcp mode, or websocket fallback
+	plane  string
+	closed atomic.Bool
+}
+
+// New builds a Server from a validated config. Nothing listens until Start.
+func New(cfg *config.Config, planes Planes, opts Options) (*Server, error) {
+	if planes.Splice == nil {
+		return nil, errors.New("proxy: the splice data plane is required")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{log: log, planes: planes, onClose: opts.OnClose, table: newTable(), listeners: map[string]*listener{}}
+	st, err := s.compile(cfg, nil)
+	if err != nil {
+		return nil, err
+	}
+	s.state.Store(st)
+	l := cfg.Limits
+	s.lim.Store(newLimiter(l.MaxConns, l.PerIPConns, l.PerIPRate, l.PerIPBurst, l.IPv6Prefix))
+	return s, nil
+}
+
+// compile turns config pools into balance pools. Pools whose name survives
+// a reload are updated in place, so their backends keep their counters and
+// existing connections stay where they are.
+func (s *Server) compile(cfg *config.Config, old *state) (*state, error) {
+	st := &state{cfg: cfg, pools: map[string]*pool{}}
+	for _, pc := range cfg.Pools {
+		specs := make([]balance.BackendSpec, len(pc.Backends))
+		for i, b := range pc.Backends {
+			specs[i] = balance.BackendSpec{Address: b.Address, Weight: b.Weight, Backup: b.Backup, Down: b.Down, MaxConns: b.MaxConns}
+		}
+		opt := balance.Options{
+			Algorithm: balance.Algorithm(pc.Balance), Fallback: balance.Algorithm(pc.HashFallback),
+			TableSize: pc.MaglevTableSize, BalanceFactor: pc.BalanceFactor,
+		}
+		if old != nil {
+			if p := old.pools[pc.Name]; p != nil && p.cfg.Balance == pc.Balance && p.cfg.MaglevTableSize == pc.MaglevTableSize &&
+				p.cfg.BalanceFactor == pc.BalanceFactor && p.cfg.HashFallback == pc.HashFallback {
+				if err := p.Pool.Update(specs); err != nil {
+					return nil, fmt.Errorf("pool %s: %w", pc.Name, err)
+				}
+				st.pools[pc.Name] = &pool{Pool: p.Pool, cfg: pc, key: parseHashKey(pc.HashKey)}
+				continue
+			}
+		}
+		bp, err := balance.NewPool(pc.Name, specs, opt)
+		if err != nil {
+			return nil, fmt.Errorf("pool %s: %w", pc.Name, err)
+		}
+		st.pools[pc.Name] = &pool{Pool: bp, cfg: pc, key: parseHashKey(pc.HashKey)}
+	}
+	return st, nil
+}
+
+func (s *Server) compileListener(lc config.Listener, st *state) *listener {
+	l := &listener{cfg: lc, plane: lc.Dataplane}
+	if lc.Pool != "" {
+		l.pool = st.pools[lc.Pool]
+	}
+	for _, rc := range lc.Routes {
+		p := st.pools[rc.Pool]
+		r := &route{
+			host: rc.Host, pool: p, upgradeOnly: rc.UpgradeOnly, origins: rc.AllowedOrigins, key: p.key,
+		}
+		r.path, r.exact = rc.Path, false
+		if after, ok := cutPrefix(rc.Path, "="); ok {
+			r.path, r.exact = after, true
+		}
+		if rc.HashKey != "" {
+			r.key = parseHashKey(rc.HashKey)
+		}
+		r.name = rc.Host + rc.Path
+		if r.name == "" {
+			r.name = "/"
+		}
+		l.routes = append(l.routes, r)
+	}
+	return l
+}
+
+func cutPrefix(s, p string) (string, bool) {
+	if len(s) >= len(p) && s[:len(p)] == p {
+		return s[len(p):], true
+	}
+	return s, false
+}
+
+// Start opens every listener and starts accepting. On error nothing is left
+// listening.
+func (s *Server) Start() error {
+	st := s.state.Load()
+	var opened []*listener
+	for _, lc := range st.cfg.Listeners {
+		l := s.compileListener(lc, st)
+		ln, err := Listen(lc.Address, lc.Backlog)
+		if err != nil {
+			for _, o := range opened {
+				o.ln.Close()
+			}
+			return err
+		}
+		l.ln = ln
+		opened = append(opened, l)
+	}
+	s.mu.Lock()
+	for _, l := range opened {
+		s.listeners[l.cfg.Address] = l
+		s.serve(l)
+	}
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go s.sweepLoop()
+	return nil
+}
+
+func (s *Server) serve(l *listener) {
+	s.log.Info("listening", "listener", l.cfg.Name, "address", l.ln.Addr().String(), "mode", l.cfg.Mode, "dataplane", l.plane)
+	s.wg.Add(1)
+	go s.acceptLoop(l)
+}
+
+// Addrs returns the bound addresses by listener name (useful with ":0").
+func (s *Server) Addrs() map[string]net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]net.Addr{}
+	for _, l := range s.listeners {
+		out[l.cfg.Name] = l.ln.Addr()
+	}
+	return out
+}
+
+func (s *Server) acceptLoop(l *listener) {
+	defer s.wg.Done()
+	var backoff time.Duration
+	for {
+		c, err := l.ln.AcceptTCP()
+		if err != nil {
+			if l.closed.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of fds (EMFILE/ENFILE) or memory: pause accepting rather
+			// than spin or exit; the backlog holds new clients meanwhile.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed, pausing", "listener", l.cfg.Name, "err", err, "pause", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		s.Counters.Accepted.Add(1)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.handle(l, c)
+		}()
+	}
+}
+
+func (s *Server) sweepLoop() {
+	defer s.wg.Done()
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	for !s.draining.Load() {
+		select {
+		case now := <-t.C:
+			s.lim.Load().sweep(now)
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// Conns returns a snapshot of the established connections, oldest first.
+func (s *Server) Conns() []*Conn { return s.table.snapshot() }
+
+// Active returns the number of established connections.
+func (s *Server) Active() int { return s.table.len() }
+
+// Stats returns the data-plane counters of connection c.
+func (s *Server) Stats(c *Conn) (dataplane.Stats, bool) { return c.Plane.Stats(c.ID) }
+
+// Kill closes connection id (RST both ways). False if it is not open.
+func (s *Server) Kill(id uint64) bool {
+	c := s.table.get(id)
+	if c == nil {
+		return false
+	}
+	return c.Plane.Kill(id, dataplane.ReasonKill)
+}
+
+// Pools returns the live pools by name.
+func (s *Server) Pools() map[string]*balance.Pool {
+	st := s.state.Load()
+	out := make(map[string]*balance.Pool, len(st.pools))
+	for n, p := range st.pools {
+		out[n] = p.Pool
+	}
+	return out
+}
+
+// Config returns the running configuration.
+func (s *Server) Config() *config.Config { return s.state.Load().cfg }
+
+// Draining reports whether Shutdown has begun (readiness is false).
+func (s *Server) Draining() bool { return s.draining.Load() }
+
+// Shutdown stops accepting, waits for established connections to finish
+// until ctx is done, then closes the rest gradually (spread over up to
+// spread, so clients do not all reconnect at the same instant) and returns
+// when every connection is closed.
+func (s *Server) Shutdown(ctx context.Context, spread time.Duration) {
+	s.draining.Store(true)
+	s.mu.Lock()
+	for _, l := range s.listeners {
+		l.closed.Store(true)
+		l.ln.Close()
+	}
+	s.listeners = map[string]*listener{}
+	s.mu.Unlock()
+	s.log.Info("draining", "connections", s.table.len())
+
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+wait:
+	for s.table.len() > 0 {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-tick.C:
+		}
+	}
+	rest := s.table.snapshot()
+	if len(rest) > 0 {
+		s.log.Info("drain deadline reached, closing connections", "connections", len(rest), "over", spread)
+		var gap time.Duration
+		if len(rest) > 1 {
+			gap = spread / time.Duration(len(rest))
+		}
+		for _, c := range rest {
+			c.Plane.Kill(c.ID, dataplane.ReasonDrain)
+			if gap > 0 {
+				time.Sleep(gap)
+			}
+		}
+	}
+	s.wg.Wait()
+	// Kill is asynchronous on some planes: wait for the last Done.
+	for s.table.len() > 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// clientAddr returns the peer of c as a netip.AddrPort.
+func clientAddr(c net.Conn) netip.AddrPort { return tcpAddr(c.RemoteAddr()) }
