@@ -15,18 +15,21 @@ import (
 // from, where it went, and which data plane moves its bytes. Byte counters
 // are not here: they are read from the plane on demand.
 type Conn struct {
-	ID        uint64
-	Listener  string
-	Route     string
-	Pool      string
-	Backend   string
-	Client    netip.AddrPort
-	Start     time.Time
-	Status    int           // backend's response status (101 for an upgrade, 0 in tcp mode)
-	Handshake time.Duration // accept → handed to the data plane
-	Plane     dataplane.Plane
-	backend   *balance.Backend
-	clientKey netip.Addr // per-IP limit bucket
+	ID          uint64
+	Listener    string
+	Route       string
+	Pool        string
+	Backend     string
+	Client      netip.AddrPort // client's address
+	Local       netip.AddrPort // agent's address on the client side
+	BackendTo   netip.AddrPort // backend's address as dialled
+	BackendFrom netip.AddrPort // agent's address on the backend side
+	Start       time.Time
+	Status      int           // backend's response status (101 for an upgrade, 0 in tcp mode)
+	Handshake   time.Duration // accept → handed to the data plane
+	Plane       dataplane.Plane
+	backend     *balance.Backend
+	clientKey   netip.Addr // per-IP limit bucket
 }
 
 // table is the set of established connections, by id.
