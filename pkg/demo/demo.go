@@ -206,8 +206,8 @@ func Run(ctx context.Context, o Options) error {
 	}
 	if a.Sockmap != nil {
 		c := a.Sockmap.Counters()
-		fmt.Fprintf(out, "\nkernel path: %d connections forwarded in the kernel; demotions to splice: %d; integrity resets: %d\n",
-			len(conns), c.Demotions(), c.IntegrityResets)
+		fmt.Fprintf(out, "\nkernel path: %d connections joined the sockmap; demoted to splice: %d (parked bytes %d, rate %d); integrity resets: %d; redirect failures: %d\n",
+			c.Started, c.DemotedParked+c.DemotedRate+c.DemotedInsert, c.DemotedParked, c.DemotedRate, c.IntegrityResets, c.RedirectFailures)
 	}
 	stop()
 	if err := <-errc; err != nil {

@@ -322,7 +322,9 @@ func TestRefusals(t *testing.T) {
 	}{
 		{"malformed", "GARBAGE\r\n\r\n", 400, ""},
 		{"bare_lf", "GET /ws/ HTTP/1.1\nHost: x\n\n", 400, ""},
-		{"too_large", "GET /ws/ HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 20<<10) + "\r\n\r\n", 431, "head_too_large"},
+		{"too_large", "GET /ws/ HTTP/1.1\r\nHost: x\r\n" + strings.Repeat("X-Big: "+strings.Repeat("a", 5000)+"\r\n", 4) + "\r\n", 431, "head_too_large"},
+		{"line_too_long", "GET /ws/ HTTP/1.1\r\nHost: x\r\nX-Big: " + strings.Repeat("a", 9<<10) + "\r\n\r\n", 431, "line_too_long"},
+		{"too_many_headers", "GET /ws/ HTTP/1.1\r\nHost: x\r\n" + strings.Repeat("X-A: 1\r\n", 101) + "\r\n", 431, "too_many_headers"},
 		{"no_route", "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no_route"},
 		{"bad_version", strings.Replace(upgradeRequest("/ws/"), "Version: 13", "Version: 8", 1), 426, ""},
 		{"origin", upgradeRequest("/origin/", "Origin: https://evil.example\r\n"), 403, "origin"},
