@@ -1,0 +1,497 @@
+package dataplane
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+)
+
+// The plane's one goroutine. It sleeps in epoll_wait on every socket
+// (EPOLLRDHUP|EPOLLET), the activity ring buffer and a wake-up eventfd;
+// while some connection is busy it also wakes every PollInterval to poll
+// the busy ones, and every scanEvery to look at all of them (idle timeout,
+// missed activity). It runs on a locked OS thread inside the plane's
+// network namespace, because the iter/tcp pass of a demotion walks the
+// namespace of the thread that opens it.
+
+const (
+	smQuietPolls   = 4               // quiet polls before a connection is no longer busy
+	smRateWindow   = 100 * time.Millisecond
+	smCloseGrace   = 2 * time.Second // FIN close waits this long at most for parked bytes
+	smStallTimeout = 2 * time.Second // FIN with bytes unaccounted for this long: integrity reset
+)
+
+func (s *Sockmap) loop(ready chan<- error) {
+	defer close(s.loopDone)
+	// Never unlocked: if the thread changed namespace it must die with
+	// this goroutine instead of serving others.
+	runtime.LockOSThread()
+	if err := s.enterNetns(); err != nil {
+		ready <- err
+		return
+	}
+	ready <- nil
+
+	evs := make([]unix.EpollEvent, 256)
+	var rec ringbuf.Record
+	now := monoNow()
+	nextTick, nextScan := now, now+int64(s.scanEvery)
+	for {
+		s.mu.Lock()
+		busy := len(s.hot) > 0 || len(s.demoteQ) > 0
+		scanEvery := int64(s.scanEvery)
+		s.mu.Unlock()
+		now = monoNow()
+		wake := nextScan
+		if busy && nextTick < wake {
+			wake = nextTick
+		}
+		ms := 0
+		if wake > now {
+			ms = int((wake - now + int64(time.Millisecond) - 1) / int64(time.Millisecond))
+		}
+		n, err := s.ep.wait(evs, ms)
+		if err != nil {
+			s.log.Error("sockmap epoll_wait failed", "err", err)
+			time.Sleep(10 * time.Millisecond)
+		}
+
+		s.mu.Lock()
+		for i := range n {
+			switch tag := epTag(&evs[i]); tag {
+			case epTagWake:
+				s.ep.drainWake()
+			case epTagRing:
+				s.drainRing(&rec)
+			default:
+				if c := s.byCookie[tag]; c != nil {
+					side := 0
+					if c.cookie[1] == tag {
+						side = 1
+					}
+					s.sockEvent(c, side, evs[i].Events)
+				}
+			}
+		}
+		now = monoNow()
+		s.runCmds(now)
+		if now >= nextTick {
+			s.tick(now)
+			nextTick = now + int64(s.opts.PollInterval)
+		}
+		if now >= nextScan {
+			s.scan(now)
+			nextScan = now + scanEvery
+		}
+		if len(s.demoteQ) > 0 {
+			s.runDemotions(now)
+		}
+		out := s.out
+		s.out = nil
+		exit := s.closing && len(s.conns) == 0 && len(s.cmds) == 0
+		s.mu.Unlock()
+
+		for i := range out {
+			s.deliver(&out[i])
+		}
+		if exit {
+			return
+		}
+	}
+}
+
+// drainRing reads every pending activity event: each names a socket that
+// redirected another notify_step bytes, whose connection becomes busy.
+func (s *Sockmap) drainRing(rec *ringbuf.Record) {
+	s.bpf.ring.SetDeadline(time.Unix(1, 0)) // in the past: never block
+	for {
+		if err := s.bpf.ring.ReadInto(rec); err != nil {
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				s.log.Error("sockmap ring buffer read failed", "err", err)
+			}
+			return
+		}
+		if len(rec.RawSample) < 8 {
+			continue
+		}
+		cookie := binary.NativeEndian.Uint64(rec.RawSample)
+		if c := s.byCookie[cookie]; c != nil {
+			s.makeHot(c)
+		}
+	}
+}
+
+func (s *Sockmap) makeHot(c *smConn) {
+	c.quiet = 0
+	s.hot[c] = struct{}{}
+}
+
+// sockEvent handles an epoll event of one socket: errors and RST reset
+// the connection (fact 4: SO_LINGER{1,0} on both), FIN is recorded and
+// forwarded by the next poll once its bytes are queued.
+func (s *Sockmap) sockEvent(c *smConn, side int, ev uint32) {
+	if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		err := smSockErr(c.fd[side])
+		if err == nil {
+			var ti unix.TCPInfo
+			if smTCPInfo(c.fd[side], &ti) == nil && ti.State == unix.BPF_TCP_CLOSE {
+				err = unix.ECONNRESET
+			}
+		}
+		if err != nil {
+			s.reset(c, smResetReason(side), nil)
+			return
+		}
+	}
+	if ev&unix.EPOLLRDHUP != 0 && c.flags&smFin(side) == 0 {
+		c.flags |= smFin(side)
+		if c.first < 0 {
+			c.first = int8(side)
+		}
+		s.makeHot(c)
+	}
+}
+
+func smResetReason(side int) CloseReason {
+	if side == 0 {
+		return ReasonClientReset
+	}
+	return ReasonBackendReset
+}
+
+func (s *Sockmap) runCmds(now int64) {
+	for _, cmd := range s.cmds {
+		if cmd.all {
+			for _, c := range s.conns {
+				s.closeWith(c, cmd.reason, now)
+			}
+			continue
+		}
+		if c := s.conns[cmd.id]; c != nil {
+			s.closeWith(c, cmd.reason, now)
+		}
+	}
+	s.cmds = s.cmds[:0]
+}
+
+// closeWith starts closing c: at once with RST for a kill or a local
+// error, otherwise FIN both ways once parked bytes were queued.
+func (s *Sockmap) closeWith(c *smConn, reason CloseReason, now int64) {
+	switch reason {
+	case ReasonKill, ReasonError:
+		s.reset(c, reason, nil)
+	default:
+		if c.phase == smClosing {
+			return
+		}
+		c.phase = smClosing
+		c.closeRs = reason
+		c.phaseAt = now
+		s.makeHot(c)
+	}
+}
+
+// tick polls every busy connection.
+func (s *Sockmap) tick(now int64) {
+	for c := range s.hot {
+		s.poll(c, now)
+	}
+}
+
+// poll reads c's counters and its sockets' send queues, and acts: parked
+// bytes or rate over the limit demote, a FIN whose bytes are all queued is
+// forwarded, a drained demotion is handed off, a closing connection closes.
+func (s *Sockmap) poll(c *smConn, now int64) {
+	var st [2]sockmapSockState
+	for i := range 2 {
+		if err := s.bpf.objs.Socks.Lookup(c.cookie[i], &st[i]); err != nil {
+			s.reset(c, ReasonError, fmt.Errorf("sockmap: reading counters: %w", err))
+			return
+		}
+	}
+	if st[0].Fails+st[1].Fails > 0 {
+		// Fact 11: the program dropped data it could not redirect; the
+		// stream cannot be exact any more.
+		s.ctr.RedirectResets++
+		s.log.Warn("sockmap redirect failed, resetting connection", "id", c.id,
+			"client_fails", st[0].Fails, "backend_fails", st[1].Fails)
+		s.reset(c, ReasonError, errSockmapRedirect)
+		return
+	}
+	moved := false
+	for i := range 2 {
+		if st[i].Bytes != c.last[i] {
+			moved = true
+			c.last[i] = st[i].Bytes
+		}
+		dst := 1 - i
+		if c.flags&smShut(dst) != 0 {
+			c.parked[i] = 0
+			continue
+		}
+		w, err := smTxWritten(c.fd[dst], false)
+		if err != nil {
+			s.reset(c, smResetReason(dst), nil)
+			return
+		}
+		c.parked[i] = max(0, int64(st[i].Bytes)-int64(w-c.txBase[dst]))
+	}
+
+	switch c.phase {
+	case smDraining:
+		if c.parked[0] == 0 && c.parked[1] == 0 {
+			s.completeDemotion(c, &st, now)
+		}
+		return
+	case smQueued:
+		return
+	case smClosing:
+		if (c.parked[0] == 0 && c.parked[1] == 0) || now-c.phaseAt > int64(smCloseGrace) {
+			for i := range 2 {
+				_ = unix.Shutdown(c.fd[i], unix.SHUT_WR)
+			}
+			s.finish(c, c.closeRs, nil, false)
+		}
+		return
+	}
+
+	// Live.
+	hw := s.opts.ParkedHighWater
+	if hw > 0 && (c.parked[0] > hw || c.parked[1] > hw) {
+		s.queueDemote(c, DemoteParked)
+		return
+	}
+	if s.opts.RateLimit > 0 {
+		if c.rateAt == 0 || !moved && c.quiet > 0 {
+			c.rateAt, c.rate = now, c.last
+		} else if dt := now - c.rateAt; dt >= int64(smRateWindow) {
+			for i := range 2 {
+				r := int64(float64(st[i].Bytes-c.rate[i]) * 1e9 / float64(dt))
+				if r > s.opts.RateLimit {
+					s.queueDemote(c, DemoteRate)
+					return
+				}
+			}
+			c.rateAt, c.rate = now, c.last
+		}
+	}
+
+	// Fact 4: forward FIN only after the bytes before it were redirected
+	// (tcpi_bytes_received accounted for by the program's counter) and
+	// queued into the peer (parked == 0).
+	pending := false
+	for i := range 2 {
+		dst := 1 - i
+		if c.flags&smFin(i) == 0 || c.flags&smShut(dst) != 0 {
+			continue
+		}
+		pending = true
+		if c.parked[i] != 0 {
+			continue
+		}
+		var ti unix.TCPInfo
+		if err := smTCPInfo(c.fd[i], &ti); err != nil {
+			s.reset(c, smResetReason(i), nil)
+			return
+		}
+		if got := ti.Bytes_received - c.rxBase[i]; got != st[i].Bytes {
+			if c.stallAt == 0 {
+				c.stallAt = now
+			} else if now-c.stallAt > int64(smStallTimeout) {
+				s.integrityReset(c, fmt.Errorf("sockmap: %s sent FIN after %d bytes, %d redirected",
+					smSide(i), got, st[i].Bytes))
+				return
+			}
+			continue
+		}
+		c.stallAt = 0
+		if err := unix.Shutdown(c.fd[dst], unix.SHUT_WR); err != nil {
+			s.reset(c, smResetReason(dst), nil)
+			return
+		}
+		c.flags |= smShut(dst)
+	}
+	if c.flags&(smShut0|smShut1) == smShut0|smShut1 {
+		reason := ReasonClientFIN
+		if c.first == 1 {
+			reason = ReasonBackendFIN
+		}
+		s.finish(c, reason, nil, false)
+		return
+	}
+	if !moved && !pending && c.parked[0] == 0 && c.parked[1] == 0 {
+		c.quiet++
+		if c.quiet >= smQuietPolls {
+			delete(s.hot, c)
+			c.quiet = 0
+			c.rateAt = 0
+		}
+	} else {
+		c.quiet = 0
+	}
+}
+
+// scan looks at every connection that is not busy: one that moved bytes
+// since it was last seen (a lost ring event) becomes busy, one idle past
+// its IdleTimeout is closed with FIN.
+func (s *Sockmap) scan(now int64) {
+	var st sockmapSockState
+	for _, c := range s.conns {
+		if _, busy := s.hot[c]; busy {
+			continue
+		}
+		var lastNs int64 = c.startNs
+		moved := false
+		for i := range 2 {
+			if err := s.bpf.objs.Socks.Lookup(c.cookie[i], &st); err != nil {
+				continue
+			}
+			lastNs = max(lastNs, int64(st.LastNs))
+			if st.Bytes != c.last[i] || st.Fails != 0 {
+				moved = true
+			}
+		}
+		if moved {
+			s.makeHot(c)
+			continue
+		}
+		if c.idle > 0 && c.phase == smLive && now-lastNs > int64(c.idle) {
+			s.closeWith(c, ReasonIdle, now)
+		}
+	}
+}
+
+// reset closes both sockets with RST (SO_LINGER{1,0}).
+func (s *Sockmap) reset(c *smConn, reason CloseReason, err error) {
+	s.finish(c, reason, err, true)
+}
+
+// integrityReset resets a connection whose bytes cannot be proven exact.
+func (s *Sockmap) integrityReset(c *smConn, err error) {
+	s.ctr.IntegrityResets++
+	s.log.Error("sockmap integrity check failed, resetting both sides", "id", c.id, "err", err)
+	s.finish(c, ReasonIntegrity, err, true)
+}
+
+// finish closes both sockets (the kernel removes them from the sockhashes
+// on close), deletes their map entries and queues Done.
+func (s *Sockmap) finish(c *smConn, reason CloseReason, err error, rst bool) {
+	var st [2]sockmapSockState
+	for i := range 2 {
+		_ = s.bpf.objs.Socks.Lookup(c.cookie[i], &st[i])
+	}
+	for i := range 2 {
+		if c.fd[i] < 0 {
+			continue
+		}
+		s.ep.del(c.fd[i])
+		if rst {
+			smLingerZero(c.fd[i])
+		}
+		unix.Close(c.fd[i])
+		c.fd[i] = -1
+	}
+	for i := range 2 {
+		_ = s.bpf.objs.Socks.Delete(c.cookie[i])
+		_ = s.bpf.objs.Demote.Delete(c.cookie[i])
+		delete(s.byCookie, c.cookie[i])
+	}
+	delete(s.conns, c.id)
+	delete(s.hot, c)
+	if c.phase == smQueued || c.phase == smDraining {
+		s.ctr.DemoteFailures++
+	}
+	c.phase = smClosing
+	if reason == ReasonError && err == nil {
+		err = errors.New("sockmap: local error")
+	}
+	s.out = append(s.out, smOut{done: c.done, res: Result{Stats: c.stats(&st), Reason: reason, Err: err}})
+}
+
+// deliver runs, outside mu, a Done call or a hand-off to Fallback.
+func (s *Sockmap) deliver(o *smOut) {
+	if o.handoff == nil {
+		o.done(o.res)
+		return
+	}
+	c := o.handoff
+	fail := func(err error, conns ...*net.TCPConn) {
+		for _, tc := range conns {
+			if tc != nil {
+				tc.SetLinger(0)
+				tc.Close()
+			}
+		}
+		for i := range 2 {
+			if c.fd[i] >= 0 {
+				smLingerZero(c.fd[i])
+				unix.Close(c.fd[i])
+			}
+		}
+		s.mu.Lock()
+		delete(s.demoted, c.id)
+		s.ctr.DemoteFailures++
+		s.mu.Unlock()
+		s.log.Error("sockmap hand-off to fallback failed, connection reset", "id", c.id, "err", err)
+		c.done(Result{Stats: o.base, Reason: ReasonError, Err: err})
+	}
+	var tcs [2]*net.TCPConn
+	for i := range 2 {
+		tc, err := smFileConn(c.fd[i])
+		c.fd[i] = -1 // closed by smFileConn either way
+		if err != nil {
+			fail(fmt.Errorf("sockmap: %s socket back to Go: %w", smSide(i), err), tcs[:]...)
+			return
+		}
+		tcs[i] = tc
+	}
+	d := &smDemoted{base: o.base}
+	s.mu.Lock()
+	s.demoted[c.id] = d
+	s.mu.Unlock()
+	s.demotedWG.Add(1)
+	done := c.done
+	id := c.id
+	err := s.opts.Fallback.Start(&Conn{
+		ID:          c.id,
+		Client:      tcs[0],
+		Backend:     tcs[1],
+		IdleTimeout: c.idle,
+		Done: func(r Result) {
+			r.Stats = d.merge(r.Stats)
+			s.mu.Lock()
+			delete(s.demoted, id)
+			s.mu.Unlock()
+			done(r)
+			s.demotedWG.Done()
+		},
+	})
+	if err != nil {
+		s.demotedWG.Done()
+		fail(fmt.Errorf("sockmap: fallback %s refused the connection: %w", s.opts.Fallback.Kind(), err), tcs[:]...)
+	}
+}
+
+// smFileConn turns a plane-owned fd back into a *net.TCPConn (for the
+// fallback). net.FileConn duplicates it; the plane's copy is closed.
+func smFileConn(fd int) (*net.TCPConn, error) {
+	f := os.NewFile(uintptr(fd), "")
+	nc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		nc.Close()
+		return nil, fmt.Errorf("not a TCP connection: %T", nc)
+	}
+	return tc, nil
+}
