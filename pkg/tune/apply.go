@@ -147,6 +147,8 @@ func (c *Checker) Apply(dryRun bool) (Report, error) {
 				break
 			}
 			ch.Action, ch.After, ch.Detail = c.set(byKey[r.Key], r.Target)
+		case VerdictInfo:
+			ch.Action, ch.Detail = ActionSkipped, "information only: never applied"
 		default:
 			ch.Action = ActionSkipped
 		}

@@ -136,3 +136,21 @@ func TestDropInMatchesTable(t *testing.T) {
 		}
 	}
 }
+
+// TestReadmeCoversTable: sysctl/README.md explains every setting of the
+// table with its value.
+func TestReadmeCoversTable(t *testing.T) {
+	b, err := os.ReadFile("../../sysctl/README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range Settings {
+		row := "| `" + s.Key + "` | "
+		if s.Compare != Info {
+			row += "`" + s.Recommended + "` | " + s.Compare.String() + " | "
+		}
+		if !bytes.Contains(b, []byte(row)) {
+			t.Errorf("sysctl/README.md has no row starting %q", row)
+		}
+	}
+}
