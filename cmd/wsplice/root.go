@@ -77,7 +77,7 @@ Quick use: wsplice run --listen :8080 --backend 10.0.0.1:8080 --backend 10.0.0.2
 	}
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
 	root.PersistentFlags().String("admin-socket", "/run/wsplice/admin.sock", "the running agent's admin socket")
-	root.AddCommand(newRunCmd(), newVersionCmd(), newConfigCmd())
+	root.AddCommand(newRunCmd(), newVersionCmd(), newConfigCmd(), newTuneCmd())
 	for _, c := range extraCommands {
 		root.AddCommand(c())
 	}

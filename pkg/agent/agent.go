@@ -15,6 +15,7 @@ import (
 	"github.com/wsplice/wsplice/pkg/config"
 	"github.com/wsplice/wsplice/pkg/dataplane"
 	"github.com/wsplice/wsplice/pkg/proxy"
+	"github.com/wsplice/wsplice/pkg/tune"
 )
 
 // Options are what the command line gives the agent besides the config.
@@ -79,6 +80,9 @@ func Run(ctx context.Context, opts Options) error {
 }
 
 func (a *Agent) start() error {
+	if err := a.tune(); err != nil {
+		return err
+	}
 	a.Splice = dataplane.NewSplice(dataplane.SpliceOptions{Logger: a.log})
 	planes := proxy.Planes{Splice: a.Splice}
 	if a.wantsSockmap() {
@@ -111,6 +115,31 @@ func (a *Agent) start() error {
 	}
 	a.Proxy = srv
 	return srv.Start()
+}
+
+// tune checks or applies the host settings (cfg.Tune.Mode), raises
+// RLIMIT_NOFILE for the configured connections, and caps the global
+// connection limit to what the open-file limit can hold, so the agent
+// refuses cleanly instead of failing accept later.
+func (a *Agent) tune() error {
+	mode, err := tune.ParseMode(a.cfg.Tune.Mode)
+	if err != nil {
+		return err
+	}
+	backends := 0
+	for _, p := range a.cfg.Pools {
+		backends += len(p.Backends)
+	}
+	rep, err := tune.Startup(tune.StartupOptions{Mode: mode, WantConns: a.cfg.Limits.MaxConns, Backends: backends})
+	if err != nil {
+		return fmt.Errorf("host tuning: %w", err)
+	}
+	rep.Log(a.log)
+	if rep.MaxConns > 0 && rep.MaxConns < a.cfg.Limits.MaxConns {
+		a.log.Warn("capping limits.max_conns to what the open-file limit holds", "configured", a.cfg.Limits.MaxConns, "cap", rep.MaxConns)
+		a.cfg.Limits.MaxConns = rep.MaxConns
+	}
+	return nil
 }
 
 // wantsSockmap: some listener may use the kernel path.

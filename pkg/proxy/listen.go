@@ -4,11 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
-	"strconv"
-	"strings"
 	"syscall"
 
+	"github.com/wsplice/wsplice/pkg/tune"
 	"golang.org/x/sys/unix"
 )
 
@@ -53,16 +51,4 @@ func Listen(address string, backlog int) (*net.TCPListener, error) {
 	return tl, nil
 }
 
-// somaxconn reads net.core.somaxconn; 4096 (the kernel default since 5.4)
-// when it cannot.
-func somaxconn() int {
-	b, err := os.ReadFile("/proc/sys/net/core/somaxconn")
-	if err != nil {
-		return 4096
-	}
-	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || n <= 0 {
-		return 4096
-	}
-	return n
-}
+func somaxconn() int { return tune.Somaxconn() }
