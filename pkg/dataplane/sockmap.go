@@ -61,11 +61,11 @@ const (
 // sockets are untouched (apart from bytes already forwarded) and the caller
 // should use the splice plane.
 var (
-	ErrSockmapMPTCP   = errors.New("sockmap: socket is MPTCP (listen and dial with MPTCP off)")
-	ErrSockmapFIN     = errors.New("sockmap: socket already received FIN")
-	ErrSockmapFull    = errors.New("sockmap: map full (raise MaxConns)")
-	ErrSockmapClosed  = errors.New("sockmap: plane is closed")
-	ErrSockmapNetns   = errors.New("sockmap: socket is in another network namespace than the plane")
+	ErrSockmapMPTCP    = errors.New("sockmap: socket is MPTCP (listen and dial with MPTCP off)")
+	ErrSockmapFIN      = errors.New("sockmap: socket already received FIN")
+	ErrSockmapFull     = errors.New("sockmap: map full (raise MaxConns)")
+	ErrSockmapClosed   = errors.New("sockmap: plane is closed")
+	ErrSockmapNetns    = errors.New("sockmap: socket is in another network namespace than the plane")
 	errSockmapRedirect = errors.New("sockmap: a redirect failed, the stream cannot be exact")
 )
 

@@ -44,12 +44,12 @@ type smConn struct {
 type smFlags uint8
 
 const (
-	smFin0      smFlags = 1 << iota // client sent FIN
-	smFin1                          // backend sent FIN
-	smShut0                         // SHUT_WR done on the client socket
-	smShut1                         // SHUT_WR done on the backend socket
-	smVerdict0                      // client socket is in the verdict map
-	smVerdict1                      // backend socket is in the verdict map
+	smFin0     smFlags = 1 << iota // client sent FIN
+	smFin1                         // backend sent FIN
+	smShut0                        // SHUT_WR done on the client socket
+	smShut1                        // SHUT_WR done on the backend socket
+	smVerdict0                     // client socket is in the verdict map
+	smVerdict1                     // backend socket is in the verdict map
 )
 
 func smFin(side int) smFlags     { return smFin0 << side }
@@ -211,7 +211,7 @@ func (s *Sockmap) Start(c *Conn) (err error) {
 
 	// Baselines, before any map: the program's counters start at zero here.
 	for i := range 2 {
-		if sc.rxBase[i], _, err = smRxConsumed(sc.fd[i]); err != nil {
+		if sc.rxBase[i], _, err = smRxConsumed(sc.fd[i], false); err != nil {
 			return fmt.Errorf("sockmap: %s socket: %w", smSide(i), err)
 		}
 		if sc.txBase[i], err = smTxWritten(sc.fd[i], true); err != nil {

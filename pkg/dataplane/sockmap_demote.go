@@ -154,7 +154,7 @@ func (s *Sockmap) completeDemotion(c *smConn, st *[2]sockmapSockState, now int64
 	// (fact 13): every byte received since insertion was either
 	// redirected by the program or is still in the receive queue.
 	for i := range 2 {
-		consumed, inq, err := smRxConsumed(c.fd[i])
+		consumed, inq, err := smRxConsumed(c.fd[i], c.flags&smFin(i) != 0)
 		if err != nil {
 			s.reset(c, smResetReason(i), nil)
 			return

@@ -22,7 +22,7 @@ import (
 // namespace of the thread that opens it.
 
 const (
-	smQuietPolls   = 4               // quiet polls before a connection is no longer busy
+	smQuietPolls   = 4 // quiet polls before a connection is no longer busy
 	smRateWindow   = 100 * time.Millisecond
 	smCloseGrace   = 2 * time.Second // FIN close waits this long at most for parked bytes
 	smStallTimeout = 2 * time.Second // FIN with bytes unaccounted for this long: integrity reset
@@ -137,25 +137,25 @@ func (s *Sockmap) makeHot(c *smConn) {
 // the connection (fact 4: SO_LINGER{1,0} on both), FIN is recorded and
 // forwarded by the next poll once its bytes are queued.
 func (s *Sockmap) sockEvent(c *smConn, side int, ev uint32) {
-	if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-		err := smSockErr(c.fd[side])
-		if err == nil {
-			var ti unix.TCPInfo
-			if smTCPInfo(c.fd[side], &ti) == nil && ti.State == unix.BPF_TCP_CLOSE {
-				err = unix.ECONNRESET
-			}
-		}
-		if err != nil {
-			s.reset(c, smResetReason(side), nil)
-			return
-		}
-	}
 	if ev&unix.EPOLLRDHUP != 0 && c.flags&smFin(side) == 0 {
 		c.flags |= smFin(side)
 		if c.first < 0 {
 			c.first = int8(side)
 		}
 		s.makeHot(c)
+	}
+	if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		err := smSockErr(c.fd[side])
+		// HUP without an error is normal once the socket received FIN
+		// and the plane shut its write side; any other HUP means the
+		// connection is gone.
+		done := smFin(side) | smShut(side)
+		if err == nil && ev&unix.EPOLLHUP != 0 && c.flags&done != done {
+			err = unix.ECONNRESET
+		}
+		if err != nil {
+			s.reset(c, smResetReason(side), nil)
+		}
 	}
 }
 
@@ -301,7 +301,8 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 			s.reset(c, smResetReason(i), nil)
 			return
 		}
-		if got := ti.Bytes_received - c.rxBase[i]; got != st[i].Bytes {
+		// tcpi_bytes_received counts the FIN's sequence number too.
+		if got := ti.Bytes_received - c.rxBase[i] - 1; got != st[i].Bytes {
 			if c.stallAt == 0 {
 				c.stallAt = now
 			} else if now-c.stallAt > int64(smStallTimeout) {

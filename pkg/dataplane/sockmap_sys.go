@@ -36,12 +36,16 @@ func smIoctl(fd int, req uintptr) (int, error) {
 	return int(v), nil
 }
 
-// smRxConsumed returns the bytes fd has received that are no longer in its
-// receive queue (tcpi_bytes_received - SIOCINQ), and SIOCINQ itself.
+// smRxConsumed returns the payload bytes fd has received that are no longer
+// in its receive queue (tcpi_bytes_received - SIOCINQ), and SIOCINQ itself.
 // SIOCINQ is read before and after TCP_INFO until both reads agree: no
 // segment arrived in between, so the two numbers describe one instant
 // (fact 15). Only meaningful while fd is in no sockmap (fact 13).
-func smRxConsumed(fd int) (consumed, inq uint64, err error) {
+//
+// tcpi_bytes_received counts sequence space, so a received FIN adds one
+// that SIOCINQ never shows; it is taken off when the TCP state says a FIN
+// was received (or, in CLOSE, when finSeen says so).
+func smRxConsumed(fd int, finSeen bool) (consumed, inq uint64, err error) {
 	var ti unix.TCPInfo
 	for i := 0; i < 1000; i++ {
 		q1, err := smIoctl(fd, unix.SIOCINQ)
@@ -56,10 +60,25 @@ func smRxConsumed(fd int) (consumed, inq uint64, err error) {
 			return 0, 0, fmt.Errorf("SIOCINQ: %w", err)
 		}
 		if q1 == q2 {
-			return ti.Bytes_received - uint64(q1), uint64(q1), nil
+			rx := ti.Bytes_received
+			if smFinReceived(ti.State, finSeen) && rx > 0 {
+				rx--
+			}
+			return rx - uint64(q1), uint64(q1), nil
 		}
 	}
 	return 0, 0, errors.New("receive queue never settled")
+}
+
+// smFinReceived tells from a TCP state whether the peer's FIN was received.
+func smFinReceived(state uint8, finSeen bool) bool {
+	switch state {
+	case unix.BPF_TCP_CLOSE_WAIT, unix.BPF_TCP_LAST_ACK, unix.BPF_TCP_CLOSING, unix.BPF_TCP_TIME_WAIT:
+		return true
+	case unix.BPF_TCP_CLOSE:
+		return finSeen
+	}
+	return false
 }
 
 // smTxWritten returns the bytes ever written into fd's send queue:
