@@ -142,7 +142,7 @@ func moves(before, after []string, gone map[string]bool) (moved, between float64
 // drained or is marked down, only its keys move (≈ 1/N), no key moves
 // between two surviving backends, and they all come back when it returns.
 func TestDisruptionUnavailable(t *testing.T) {
-	const keys = 200_000
+	const keys = 100_000
 	for _, n := range []int{2, 5, 10, 50} {
 		for _, how := range []string{"unhealthy", "draining", "down"} {
 			p := mustPool(t, specs(n), Options{Algorithm: Maglev})
@@ -168,7 +168,10 @@ func TestDisruptionUnavailable(t *testing.T) {
 			if between != 0 {
 				t.Errorf("n=%d %s: %.4f%% of keys moved between survivors, want 0", n, how, 100*between)
 			}
-			if ideal := 1 / float64(n); moved < ideal*0.95 || moved > ideal*1.05 {
+			// The victim owns exactly 1/N of the slots; allow five standard
+			// deviations of key sampling noise.
+			ideal := 1 / float64(n)
+			if tol := 5 * math.Sqrt(ideal*(1-ideal)/keys); math.Abs(moved-ideal) > tol {
 				t.Errorf("n=%d %s: %.3f%% of keys moved, ideal %.3f%%", n, how, 100*moved, 100*ideal)
 			}
 			// The victim's keys spread over the survivors by their shares:
@@ -207,7 +210,7 @@ func TestDisruptionUnavailable(t *testing.T) {
 // exact balance, a small fraction of other keys too; adding it back
 // restores the original table exactly.
 func TestDisruptionUpdate(t *testing.T) {
-	const keys = 200_000
+	const keys = 100_000
 	for _, tc := range []struct {
 		n, m       int
 		maxBetween float64
