@@ -4,6 +4,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -30,6 +31,7 @@ type Options struct {
 // Agent is one running wsplice.
 type Agent struct {
 	cfg     *config.Config
+	path    string // config file, for reload
 	log     *slog.Logger
 	Proxy   *proxy.Server
 	Splice  *dataplane.Splice
@@ -47,7 +49,7 @@ func Run(ctx context.Context, opts Options) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &Agent{cfg: cfg, log: log}
+	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath}
 	if err := a.start(); err != nil {
 		a.stopPlanes()
 		return err
@@ -55,7 +57,20 @@ func Run(ctx context.Context, opts Options) error {
 	if opts.Ready != nil {
 		opts.Ready(a)
 	}
-	<-ctx.Done()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-hup:
+			if err := a.Reload(); err != nil {
+				log.Error("reload rejected, the running configuration stays", "err", err)
+			}
+		}
+	}
 
 	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout.D())
 	defer cancel()
@@ -171,6 +186,22 @@ func (a *Agent) stopPlanes() {
 	if a.Splice != nil {
 		a.Splice.Close()
 	}
+}
+
+// Reload re-reads the configuration file, validates all of it and applies
+// the difference (see proxy.Server.Reload). An invalid file changes nothing
+// and the error says why. Established connections are never dropped.
+func (a *Agent) Reload() error {
+	if a.path == "" {
+		return errors.New("the configuration came from flags: there is no file to reload")
+	}
+	cfg, err := config.Load(a.path)
+	if err != nil {
+		return err
+	}
+	// The agent keeps its start-up config (tuning, planes); the proxy holds
+	// the live one (Proxy.Config).
+	return a.Proxy.Reload(cfg)
 }
 
 // Addr returns the bound address of the named listener (tests use ":0").

@@ -37,6 +37,23 @@ func newLimiter(maxConns, perIP int, perIPRate float64, burst, v6prefix int) *li
 	}
 }
 
+// set changes the limits in place (reload); connections already admitted
+// keep their slots.
+func (l *limiter) set(maxConns, perIP int, perIPRate float64, burst, v6prefix int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	changedRate := rate.Limit(perIPRate) != l.perIPRate || burst != l.perIPBurst
+	l.maxConns, l.perIP, l.perIPRate, l.perIPBurst, l.v6prefix = maxConns, perIP, rate.Limit(perIPRate), burst, v6prefix
+	for _, st := range l.perAddr {
+		if changedRate {
+			st.bucket = nil
+			if l.perIPRate > 0 {
+				st.bucket = rate.NewLimiter(l.perIPRate, l.perIPBurst)
+			}
+		}
+	}
+}
+
 // key groups a client address for per-IP limits.
 func (l *limiter) key(a netip.Addr) netip.Addr {
 	a = a.Unmap()

@@ -48,8 +48,8 @@ type Server struct {
 	// Counters are read by the metrics package.
 	Counters Counters
 
-	mu        sync.Mutex
-	listeners map[string]*listener // by address
+	mu        sync.Mutex         // serialises Start, Reload and Shutdown
+	listeners map[string]*socket // by address
 	draining  atomic.Bool
 	wg        sync.WaitGroup // accept loops and handshakes in progress
 }
@@ -60,14 +60,21 @@ type state struct {
 	pools map[string]*pool
 }
 
-// listener is one open listening socket and its compiled routes.
+// socket is one open listening socket. Its compiled configuration is
+// swapped whole on reload; each accepted connection uses the one current
+// at accept time.
+type socket struct {
+	ln     *net.TCPListener
+	cur    atomic.Pointer[listener]
+	closed atomic.Bool
+}
+
+// listener is a listener's compiled configuration: immutable once built.
 type listener struct {
 	cfg    config.Listener
-	ln     *net.TCPListener
 	routes []*route
 	pool   *pool // tcp mode, or websocket fallback
 	plane  string
-	closed atomic.Bool
 }
 
 // New builds a Server from a validated config. Nothing listens until Start.
@@ -79,7 +86,7 @@ func New(cfg *config.Config, planes Planes, opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{log: log, planes: planes, onClose: opts.OnClose, table: newTable(), listeners: map[string]*listener{}}
+	s := &Server{log: log, planes: planes, onClose: opts.OnClose, table: newTable(), listeners: map[string]*socket{}}
 	st, err := s.compile(cfg, nil)
 	if err != nil {
 		return nil, err
@@ -159,35 +166,105 @@ func cutPrefix(s, p string) (string, bool) {
 // Start opens every listener and starts accepting. On error nothing is left
 // listening.
 func (s *Server) Start() error {
-	st := s.state.Load()
-	var opened []*listener
-	for _, lc := range st.cfg.Listeners {
-		l := s.compileListener(lc, st)
-		ln, err := Listen(lc.Address, lc.Backlog)
-		if err != nil {
-			for _, o := range opened {
-				o.ln.Close()
-			}
-			return err
-		}
-		l.ln = ln
-		opened = append(opened, l)
-	}
 	s.mu.Lock()
-	for _, l := range opened {
-		s.listeners[l.cfg.Address] = l
-		s.serve(l)
+	defer s.mu.Unlock()
+	st := s.state.Load()
+	opened, err := s.open(st.cfg.Listeners, st)
+	if err != nil {
+		return err
 	}
-	s.mu.Unlock()
+	for _, sk := range opened {
+		s.listeners[sk.cur.Load().cfg.Address] = sk
+		s.serve(sk)
+	}
 	s.wg.Add(1)
 	go s.sweepLoop()
 	return nil
 }
 
-func (s *Server) serve(l *listener) {
-	s.log.Info("listening", "listener", l.cfg.Name, "address", l.ln.Addr().String(), "mode", l.cfg.Mode, "dataplane", l.plane)
+// open opens sockets for lcs; on error it closes those it opened.
+func (s *Server) open(lcs []config.Listener, st *state) ([]*socket, error) {
+	var opened []*socket
+	for _, lc := range lcs {
+		ln, err := Listen(lc.Address, lc.Backlog)
+		if err != nil {
+			for _, o := range opened {
+				o.ln.Close()
+			}
+			return nil, err
+		}
+		sk := &socket{ln: ln}
+		sk.cur.Store(s.compileListener(lc, st))
+		opened = append(opened, sk)
+	}
+	return opened, nil
+}
+
+// Reload applies a new, validated configuration without dropping any
+// established connection: pools that keep their name keep their backends'
+// state (existing connections stay where they are), listeners whose address
+// stays keep their socket and get the new routes for new connections, new
+// addresses are opened and removed ones closed. If a new listener cannot
+// be opened nothing changes and the error says why.
+func (s *Server) Reload(cfg *config.Config) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining.Load() {
+		return errors.New("reload: the agent is draining")
+	}
+	old := s.state.Load()
+	var added []config.Listener
+	keep := map[string]bool{}
+	for _, lc := range cfg.Listeners {
+		keep[lc.Address] = true
+		if s.listeners[lc.Address] == nil {
+			added = append(added, lc)
+		}
+	}
+	// Open new sockets before touching anything, so a port in use leaves
+	// the running config untouched.
+	opened, err := s.open(added, old)
+	if err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	st, err := s.compile(cfg, old)
+	if err != nil {
+		for _, o := range opened {
+			o.ln.Close()
+		}
+		return fmt.Errorf("reload: %w", err)
+	}
+	s.state.Store(st)
+	l := cfg.Limits
+	s.lim.Load().set(l.MaxConns, l.PerIPConns, l.PerIPRate, l.PerIPBurst, l.IPv6Prefix)
+	for _, lc := range cfg.Listeners {
+		if sk := s.listeners[lc.Address]; sk != nil {
+			sk.cur.Store(s.compileListener(lc, st))
+		}
+	}
+	for _, sk := range opened {
+		lc := sk.cur.Load().cfg
+		sk.cur.Store(s.compileListener(lc, st))
+		s.listeners[lc.Address] = sk
+		s.serve(sk)
+	}
+	for addr, sk := range s.listeners {
+		if !keep[addr] {
+			sk.closed.Store(true)
+			sk.ln.Close()
+			delete(s.listeners, addr)
+			s.log.Info("listener closed by reload", "address", addr)
+		}
+	}
+	s.log.Info("configuration reloaded", "listeners", len(s.listeners), "pools", len(st.pools))
+	return nil
+}
+
+func (s *Server) serve(sk *socket) {
+	l := sk.cur.Load()
+	s.log.Info("listening", "listener", l.cfg.Name, "address", sk.ln.Addr().String(), "mode", l.cfg.Mode, "dataplane", l.plane)
 	s.wg.Add(1)
-	go s.acceptLoop(l)
+	go s.acceptLoop(sk)
 }
 
 // Addrs returns the bound addresses by listener name (useful with ":0").
@@ -195,19 +272,20 @@ func (s *Server) Addrs() map[string]net.Addr {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := map[string]net.Addr{}
-	for _, l := range s.listeners {
-		out[l.cfg.Name] = l.ln.Addr()
+	for _, sk := range s.listeners {
+		out[sk.cur.Load().cfg.Name] = sk.ln.Addr()
 	}
 	return out
 }
 
-func (s *Server) acceptLoop(l *listener) {
+func (s *Server) acceptLoop(sk *socket) {
 	defer s.wg.Done()
 	var backoff time.Duration
 	for {
-		c, err := l.ln.AcceptTCP()
+		c, err := sk.ln.AcceptTCP()
+		l := sk.cur.Load()
 		if err != nil {
-			if l.closed.Load() || errors.Is(err, net.ErrClosed) {
+			if sk.closed.Load() || errors.Is(err, net.ErrClosed) {
 				return
 			}
 			// Out of fds (EMFILE/ENFILE) or memory: pause accepting rather
@@ -281,11 +359,11 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 func (s *Server) Shutdown(ctx context.Context, spread time.Duration) {
 	s.draining.Store(true)
 	s.mu.Lock()
-	for _, l := range s.listeners {
-		l.closed.Store(true)
-		l.ln.Close()
+	for _, sk := range s.listeners {
+		sk.closed.Store(true)
+		sk.ln.Close()
 	}
-	s.listeners = map[string]*listener{}
+	s.listeners = map[string]*socket{}
 	s.mu.Unlock()
 	s.log.Info("draining", "connections", s.table.len())
 
