@@ -250,10 +250,15 @@ func (s *Sockmap) register(sc *smConn, c *Conn) {
 	s.byCookie[sc.cookie[0]] = sc
 	s.byCookie[sc.cookie[1]] = sc
 	s.ctr.Started++
+	rescan := false
 	if sc.idle > 0 && sc.idle/4 < s.scanEvery {
 		s.scanEvery = max(sc.idle/4, 10*time.Millisecond)
+		rescan = true
 	}
 	s.mu.Unlock()
+	if rescan {
+		s.ep.poke() // the loop may be asleep until the old scan time
+	}
 	// Fact 4: EPOLLRDHUP|EPOLLET only; EPOLLIN would wake the agent for
 	// every segment. ERR and HUP are always reported. A FIN that arrived
 	// before this ADD is reported by it.

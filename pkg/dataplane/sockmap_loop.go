@@ -42,11 +42,12 @@ func (s *Sockmap) loop(ready chan<- error) {
 	evs := make([]unix.EpollEvent, 256)
 	var rec ringbuf.Record
 	now := monoNow()
-	nextTick, nextScan := now, now+int64(s.scanEvery)
+	nextTick, lastScan := now, now
 	for {
 		s.mu.Lock()
 		busy := len(s.hot) > 0 || len(s.demoteQ) > 0
-		scanEvery := int64(s.scanEvery)
+		// Read each time: a Start with a short IdleTimeout shortens it.
+		nextScan := lastScan + int64(s.scanEvery)
 		s.mu.Unlock()
 		now = monoNow()
 		wake := nextScan
@@ -86,9 +87,9 @@ func (s *Sockmap) loop(ready chan<- error) {
 			s.tick(now)
 			nextTick = now + int64(s.opts.PollInterval)
 		}
-		if now >= nextScan {
+		if now >= lastScan+int64(s.scanEvery) {
 			s.scan(now)
-			nextScan = now + scanEvery
+			lastScan = now
 		}
 		if len(s.demoteQ) > 0 {
 			s.runDemotions(now)
