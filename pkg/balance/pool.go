@@ -311,6 +311,13 @@ func (p *Pool) installLocked(all []*Backend) {
 			t.sched = buildSchedule(w)
 		}
 	}
+	// Round robin carries on where it was rather than restarting every
+	// agent at the first backend after each reload.
+	if old := p.stateSnap(); old != nil {
+		for i := range s.tiers {
+			s.tiers[i].next.Store(old.tiers[i].next.Load())
+		}
+	}
 	s.recount()
 	p.snap.Store(s)
 }

@@ -1,9 +1,5 @@
 package balance
 
-import (
-	"container/heap"
-)
-
 // maxSchedule bounds the length of a weighted round-robin cycle. Weights
 // are divided by their greatest common divisor first, so equal weights give
 // a cycle of one entry per backend; only unusual mixes (hundreds of
@@ -19,9 +15,10 @@ const maxSchedule = 1 << 18
 // interleaving can differ from nginx's: weights 5,1,1 give a a b a c a a
 // there and a a a b c a a here.
 //
-// It is built by earliest-deadline-first: the k-th appearance of member i
-// is due at (k+½)/w_i, and the cycle lists appearances in order of due time,
-// ties by member index. A heap makes it O(L log n) for a cycle of L.
+// It lists appearances in order of due time — the k-th appearance of
+// member i is due at (k+½)/w_i, ties by member index — which is
+// earliest-deadline-first. Due times are bucketed by their position in the
+// cycle, so it costs O(L + n) for a cycle of L, not a heap's O(L log n).
 //
 // Members with weight ≤ 0 do not appear. The result is nil when none has a
 // positive weight.
@@ -53,23 +50,44 @@ func buildSchedule(weights []int64) []uint32 {
 			}
 		}
 	}
-	h := make(edfHeap, 0, len(w))
+	// Appearance k of member i goes to bucket ⌊(2k+1)·l / (2·w_i)⌋ < l.
+	// A bucket holds the appearances due in [b/l, (b+1)/l): at most one per
+	// member, usually one or two in all.
+	bucket := func(i int, k int64) int64 { return (2*k + 1) * l / (2 * w[i]) }
+	start := make([]int32, l+1)
 	for i, x := range w {
-		if x > 0 {
-			h = append(h, edfItem{i: uint32(i), w: x})
+		for k := range x {
+			start[bucket(i, k)+1]++
 		}
 	}
-	heap.Init(&h)
-	out := make([]uint32, 0, l)
-	for int64(len(out)) < l {
-		it := &h[0]
-		out = append(out, it.i)
-		it.k++
-		if it.k == it.w {
-			heap.Pop(&h)
-		} else {
-			heap.Fix(&h, 0)
+	for b := range l {
+		start[b+1] += start[b]
+	}
+	type due struct{ i, k uint32 }
+	ds := make([]due, l)
+	fill := append([]int32(nil), start[:l]...)
+	for i, x := range w {
+		for k := range x {
+			b := bucket(i, k)
+			ds[fill[b]] = due{uint32(i), uint32(k)}
+			fill[b]++
 		}
+	}
+	// Order each bucket by exact due time (2k+1)/(2w), then member index;
+	// members were placed in index order, so a stable insertion sort on
+	// due time alone suffices.
+	before := func(a, b due) bool { return (2*int64(a.k)+1)*w[b.i] < (2*int64(b.k)+1)*w[a.i] }
+	out := make([]uint32, l)
+	for b := range l {
+		part := ds[start[b]:start[b+1]]
+		for x := 1; x < len(part); x++ {
+			for y := x; y > 0 && before(part[y], part[y-1]); y-- {
+				part[y], part[y-1] = part[y-1], part[y]
+			}
+		}
+	}
+	for j := range ds {
+		out[j] = ds[j].i
 	}
 	return out
 }
@@ -79,33 +97,4 @@ func gcd(a, b int64) int64 {
 		a, b = b, a%b
 	}
 	return a
-}
-
-// edfItem is a member with weight w that has had k appearances; its next
-// appearance is due at (2k+1)/(2w).
-type edfItem struct {
-	i    uint32
-	w, k int64
-}
-
-type edfHeap []edfItem
-
-func (h edfHeap) Len() int { return len(h) }
-
-// Less compares due times (2a.k+1)/a.w < (2b.k+1)/b.w exactly, in integers.
-func (h edfHeap) Less(a, b int) bool {
-	x := (2*h[a].k + 1) * h[b].w
-	y := (2*h[b].k + 1) * h[a].w
-	if x != y {
-		return x < y
-	}
-	return h[a].i < h[b].i
-}
-func (h edfHeap) Swap(a, b int) { h[a], h[b] = h[b], h[a] }
-func (h *edfHeap) Push(x any)   { *h = append(*h, x.(edfItem)) }
-func (h *edfHeap) Pop() any {
-	old := *h
-	x := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return x
 }
