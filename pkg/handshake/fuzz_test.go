@@ -1,9 +1,14 @@
 package handshake
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"io"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -40,6 +45,11 @@ func FuzzParseRequest(f *testing.F) {
 		}
 		_, _, _ = r.Origin(), r.Cookie("session"), r.Query("token")
 		checkRewriteRoundTrip(t, r, Limits{})
+		// A different parser (a Go backend) reads what we accepted, and
+		// what we send, the same way.
+		fw := Forwarding{ClientAddr: netip.MustParseAddrPort("192.0.2.1:1"), Proto: "https", Headers: true, Close: !r.Upgrade}
+		checkGoReadsRequest(t, data, r)
+		checkGoReadsRequest(t, r.AppendRewritten(nil, fw), r)
 	})
 }
 
@@ -75,6 +85,35 @@ func FuzzReadHead(f *testing.F) {
 	})
 }
 
+// checkGoReadsRequest checks that net/http's parser accepts a head this
+// package accepted and agrees on the request line, Host and framing. Only
+// "Transfer-Encoding: chunked" is compared; net/http refuses other codings
+// outright (501), which is a refusal, not a disagreement.
+func checkGoReadsRequest(t *testing.T, data []byte, r *Request) {
+	t.Helper()
+	te := r.Header("Transfer-Encoding")
+	if te != "" && !strings.EqualFold(te, "chunked") {
+		return
+	}
+	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(data)))
+	if err != nil {
+		t.Fatalf("net/http refuses %q: %v", data, err)
+	}
+	if req.Method != r.Method || req.RequestURI != r.Target || !strings.EqualFold(req.Host, r.Host) {
+		t.Fatalf("net/http reads %q as %q %q host %q; we read %q %q host %q", data, req.Method, req.RequestURI, req.Host, r.Method, r.Target, r.Host)
+	}
+	wantCL := int64(0)
+	switch cl := r.Header("Content-Length"); {
+	case te != "":
+		wantCL = -1
+	case cl != "":
+		wantCL, _ = strconv.ParseInt(cl, 10, 64)
+	}
+	if req.ContentLength != wantCL {
+		t.Fatalf("net/http reads %q with ContentLength %d, want %d", data, req.ContentLength, wantCL)
+	}
+}
+
 func sameError(a, b error) bool {
 	var ea, eb *Error
 	switch {
@@ -106,6 +145,18 @@ func FuzzParseResponse(f *testing.F) {
 		h, rest, err := ReadHead(bytes.NewReader(data), Limits{})
 		if err != nil || !bytes.Equal(h, data) || rest != nil {
 			t.Fatalf("ParseResponse accepts %q but ReadHead gives %q, %q, %v", data, h, rest, err)
+		}
+		for _, f := range r.Headers {
+			if nameIs(f.Name, "Transfer-Encoding") {
+				return // net/http refuses codings it does not implement
+			}
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(data)), nil)
+		if err != nil {
+			t.Fatalf("net/http refuses %q: %v", data, err)
+		}
+		if resp.StatusCode != r.Status || resp.Proto != r.Proto {
+			t.Fatalf("net/http reads %q as %s %d", data, resp.Proto, resp.StatusCode)
 		}
 	})
 }

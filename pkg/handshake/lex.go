@@ -85,9 +85,9 @@ func lowerASCII(s string) string {
 }
 
 // validHost reports whether s is uri-host [":" port] (RFC 3986 §3.2.2):
-// an IP-literal in brackets or a reg-name / IPv4 address, and an optional
-// port of digits. The empty string is valid (RFC 9112 §3.2 allows an empty
-// Host when the target has no authority). Anything else — userinfo, a path,
+// an IP-literal in brackets or a reg-name (without percent-encoding) or
+// IPv4 address, and an optional port of digits. The empty string is valid
+// (RFC 9112 §3.2 allows an empty Host when the target has no authority). Anything else — userinfo, a path,
 // spaces, a second colon outside brackets — could make the balancer and the
 // backend read a different host, so it is refused.
 func validHost(s string) bool {
@@ -137,7 +137,9 @@ func validHost(s string) bool {
 	return len(port) <= 5
 }
 
-// regNameChar is unreserved / pct-encoded ('%') / sub-delims of RFC 3986.
+// regNameChar is unreserved / sub-delims of RFC 3986. Pct-encoded names are
+// refused: no client sends them (IDNs travel as punycode) and parsers
+// disagree on what they decode to.
 var regNameChar = func() (t [256]bool) {
 	for c := '0'; c <= '9'; c++ {
 		t[c] = true
@@ -146,7 +148,7 @@ var regNameChar = func() (t [256]bool) {
 		t[c] = true
 		t[c-'a'+'A'] = true
 	}
-	for _, c := range "-._~%!$&'()*+,;=" {
+	for _, c := range "-._~!$&'()*+,;=" {
 		t[c] = true
 	}
 	return t

@@ -53,7 +53,8 @@ var crlfcrlf = []byte("\r\n\r\n")
 //     lim.MaxHeaders header lines: 431 too_many_headers; a line over
 //     lim.MaxLineBytes: 431 line_too_long;
 //   - request line not exactly METHOD SP target SP HTTP/x.y, a method that
-//     is not a token, a target with bytes outside 0x21–0x7E or a '#', a
+//     is not a token, a target with bytes outside 0x21–0x7E, a '#' or a
+//     '%' not followed by two hex digits, a
 //     target that is not origin-form, absolute-form (http, https, ws, wss)
 //     or "*" for OPTIONS: 400 malformed;
 //   - a version other than HTTP/1.1 and HTTP/1.0: 505 http_version;
@@ -312,9 +313,15 @@ func (r *Request) parseRequestLine(line string) *Error {
 		return errMalformed("empty target")
 	}
 	for i := 0; i < len(target); i++ {
-		// RFC 9112 §3.2: a URI: visible ASCII, and no fragment.
-		if c := target[i]; c <= ' ' || c >= 0x7f || c == '#' {
+		// RFC 9112 §3.2: a URI: visible ASCII, no fragment, and '%' only
+		// as a percent-encoding. A backend that decodes the path would
+		// otherwise guess what "/%zz" means.
+		c := target[i]
+		if c <= ' ' || c >= 0x7f || c == '#' {
 			return errMalformed(fmt.Sprintf("byte %#02x in the target", c))
+		}
+		if c == '%' && (i+2 >= len(target) || !isHex(target[i+1]) || !isHex(target[i+2])) {
+			return errMalformed("bad percent-encoding in the target")
 		}
 	}
 	r.Method, r.Target, r.Proto = method, target, proto

@@ -82,6 +82,7 @@ func TestParseRequestAccepts(t *testing.T) {
 					r.Upgrade, r.Host, r.Path, r.RawQuery, tt.upgrade, tt.host, tt.path, tt.query)
 			}
 			checkRewriteRoundTrip(t, r, Limits{})
+			checkGoReadsRequest(t, tt.head, r)
 		})
 	}
 }
@@ -141,6 +142,9 @@ func TestParseRequestRefuses(t *testing.T) {
 		{"junk version", head("GET / HTTP/1.1x", "Host: a"), Limits{}, 400, ReasonMalformed},
 		{"DEL in target", head("GET /a\x7fb HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
 		{"high byte in target", head("GET /caf\xc3\xa9 HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
+		{"bare percent in target", head("GET /% HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
+		{"bad percent-encoding in target", head("GET /a%2x HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
+		{"short percent-encoding in query", head("GET /a?b=%2 HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
 		{"fragment in target", head("GET /a#b HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
 		{"relative target", head("GET a/b HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
 		{"asterisk with GET", head("GET * HTTP/1.1", "Host: a"), Limits{}, 400, ReasonMalformed},
@@ -206,6 +210,7 @@ func TestParseRequestRefuses(t *testing.T) {
 		{"host with userinfo", head("GET / HTTP/1.1", "Host: u@a"), Limits{}, 400, ReasonHost},
 		{"host with path", head("GET / HTTP/1.1", "Host: a/b"), Limits{}, 400, ReasonHost},
 		{"host bad port", head("GET / HTTP/1.1", "Host: a:8o"), Limits{}, 400, ReasonHost},
+		{"host percent-encoded", head("GET / HTTP/1.1", "Host: %61"), Limits{}, 400, ReasonHost},
 		{"host two colons", head("GET / HTTP/1.1", "Host: a:1:2"), Limits{}, 400, ReasonHost},
 		{"host bad ipv6", head("GET / HTTP/1.1", "Host: [::1"), Limits{}, 400, ReasonHost},
 		{"two origins", ws(nil, "Origin: https://evil.example"), Limits{}, 400, ReasonMalformed},
