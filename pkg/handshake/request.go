@@ -34,9 +34,11 @@ type Request struct {
 	Headers []Header
 
 	// Upgrade reports a valid WebSocket upgrade (RFC 6455 §4.2.1): GET,
-	// HTTP/1.1, an Upgrade header listing "websocket", a Connection header
-	// listing "upgrade", one Sec-WebSocket-Key that decodes to 16 bytes,
-	// one Sec-WebSocket-Version of 13, and no body.
+	// HTTP/1.1, Upgrade headers listing "websocket" and nothing else,
+	// Connection headers listing "upgrade" and at most "keep-alive"
+	// besides, one Sec-WebSocket-Key that decodes to 16 bytes, one
+	// Sec-WebSocket-Version of 13, and no body. Those two headers reach
+	// the backend as sent, so nothing else may ride in them.
 	Upgrade bool
 }
 
@@ -68,7 +70,9 @@ var crlfcrlf = []byte("\r\n\r\n")
 //     not the absolute-form target's authority: 400 host;
 //   - "Upgrade: websocket" with Transfer-Encoding or a non-zero
 //     Content-Length: 400 smuggling; with a method other than GET, on
-//     HTTP/1.0, without "Connection: upgrade", or without exactly one
+//     HTTP/1.0, without "Connection: upgrade", with another protocol in
+//     Upgrade or an option other than upgrade and keep-alive in
+//     Connection, without exactly one
 //     valid Sec-WebSocket-Key, or with two Sec-WebSocket-Version headers:
 //     400 bad_upgrade; with a Sec-WebSocket-Version that is missing or not
 //     13: 426 bad_version (answer with WriteError(w, 426), which lists 13).
@@ -102,6 +106,7 @@ func ParseRequest(head []byte, lim Limits) (*Request, error) {
 		host, key, version, te                   string
 		contentLength                            int64
 		wantsWebSocket, connUpgrade              bool
+		upgradeOther, connOther                  string // first option other than websocket / upgrade, keep-alive
 	)
 	for {
 		line, p, err = nextLine(s, p, lim)
@@ -127,12 +132,18 @@ func ParseRequest(head []byte, lim Limits) (*Request, error) {
 				origins++
 			}
 		case 7:
-			if nameIs(h.Name, "Upgrade") && listHas(h.Value, "websocket") {
-				wantsWebSocket = true
+			if nameIs(h.Name, "Upgrade") {
+				wantsWebSocket = wantsWebSocket || listHas(h.Value, "websocket")
+				if upgradeOther == "" {
+					upgradeOther = firstOther(h.Value, "websocket", "")
+				}
 			}
 		case 10:
-			if nameIs(h.Name, "Connection") && listHas(h.Value, "upgrade") {
-				connUpgrade = true
+			if nameIs(h.Name, "Connection") {
+				connUpgrade = connUpgrade || listHas(h.Value, "upgrade")
+				if connOther == "" {
+					connOther = firstOther(h.Value, "upgrade", "keep-alive")
+				}
 			}
 		case 14:
 			if nameIs(h.Name, "Content-Length") {
@@ -208,6 +219,16 @@ func ParseRequest(head []byte, lim Limits) (*Request, error) {
 		return nil, newError(400, ReasonBadUpgrade, "websocket upgrade on HTTP/1.0")
 	case !connUpgrade:
 		return nil, newError(400, ReasonBadUpgrade, "websocket upgrade without Connection: upgrade")
+	case upgradeOther != "":
+		// The head is forwarded with Upgrade as sent: a backend offered
+		// "websocket, h2c" may pick h2c and speak HTTP/2 behind the
+		// balancer's checks.
+		return nil, newError(400, ReasonBadUpgrade, fmt.Sprintf("Upgrade offers %.32q besides websocket", upgradeOther))
+	case connOther != "":
+		// Connection is forwarded as sent, and a proxy in front of the
+		// backend removes the headers it lists — "Connection: upgrade,
+		// X-Forwarded-For" would strip the balancer's X-Forwarded-For.
+		return nil, newError(400, ReasonBadUpgrade, fmt.Sprintf("Connection lists %.32q on a websocket upgrade", connOther))
 	case versions > 1:
 		return nil, newError(400, ReasonBadUpgrade, "more than one Sec-WebSocket-Version")
 	case versions == 0:
@@ -221,6 +242,22 @@ func ParseRequest(head []byte, lim Limits) (*Request, error) {
 	}
 	r.Upgrade = true
 	return r, nil
+}
+
+// firstOther returns the first element of a comma-separated list that is
+// neither a nor b (case-insensitive), or "" if there is none. Empty
+// elements are ignored, as RFC 9110 §5.6.1 requires of recipients.
+func firstOther(list, a, b string) string {
+	for {
+		e, rest, ok := nextElement(list)
+		if !ok {
+			return ""
+		}
+		if e != "" && !strings.EqualFold(e, a) && (b == "" || !strings.EqualFold(e, b)) {
+			return e
+		}
+		list = rest
+	}
 }
 
 // checkHead checks the bounds shared by requests and responses.

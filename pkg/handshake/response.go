@@ -16,8 +16,9 @@ type Response struct {
 	Reason  string   // the reason phrase, possibly ""
 	Headers []Header // in the order received
 
-	// Upgrade reports a switch to WebSocket: status 101, an Upgrade header
-	// listing "websocket" and a Connection header listing "upgrade". A
+	// Upgrade reports a switch to WebSocket: status 101, Upgrade headers
+	// listing "websocket" and no other protocol, and a Connection header
+	// listing "upgrade". A
 	// balancer must not pass raw bytes both ways after a response that is
 	// not one: the backend still speaks HTTP on that connection, or
 	// (a 101 to another protocol such as h2c) not WebSocket.
@@ -61,7 +62,7 @@ func parseResponse(head []byte, lim Limits) (*Response, *Error) {
 	}
 	resp.Headers = make([]Header, 0, nHeaders)
 	var contentLengths, transferEncodings int
-	var wantsWebSocket, connUpgrade bool
+	var wantsWebSocket, otherProtocol, connUpgrade bool
 	for {
 		line, p, err = nextLine(s, p, lim)
 		if err != nil {
@@ -78,6 +79,7 @@ func parseResponse(head []byte, lim Limits) (*Response, *Error) {
 		switch {
 		case nameIs(h.Name, "Upgrade"):
 			wantsWebSocket = wantsWebSocket || listHas(h.Value, "websocket")
+			otherProtocol = otherProtocol || firstOther(h.Value, "websocket", "") != ""
 		case nameIs(h.Name, "Connection"):
 			connUpgrade = connUpgrade || listHas(h.Value, "upgrade")
 		case nameIs(h.Name, "Content-Length"):
@@ -97,7 +99,7 @@ func parseResponse(head []byte, lim Limits) (*Response, *Error) {
 	case transferEncodings > 0 && contentLengths > 0:
 		return nil, errSmuggling("Transfer-Encoding with Content-Length")
 	}
-	resp.Upgrade = resp.Status == 101 && wantsWebSocket && connUpgrade
+	resp.Upgrade = resp.Status == 101 && wantsWebSocket && !otherProtocol && connUpgrade
 	return resp, nil
 }
 

@@ -19,6 +19,7 @@ func TestParseResponse(t *testing.T) {
 		{"websocket", head("HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), 101, "Switching Protocols", true},
 		{"websocket, case and lists", head("HTTP/1.1 101 Switching Protocols", "upgrade: WebSocket", "connection: keep-alive, upgrade"), 101, "Switching Protocols", true},
 		{"101 to h2c", head("HTTP/1.1 101 Switching Protocols", "Upgrade: h2c", "Connection: Upgrade"), 101, "Switching Protocols", false},
+		{"101 to two protocols", head("HTTP/1.1 101 Switching Protocols", "Upgrade: websocket, h2c", "Connection: Upgrade"), 101, "Switching Protocols", false},
 		{"101 without connection", head("HTTP/1.1 101 Switching Protocols", "Upgrade: websocket"), 101, "Switching Protocols", false},
 		{"200 with upgrade headers", head("HTTP/1.1 200 OK", "Upgrade: websocket", "Connection: Upgrade", "Content-Length: 0"), 200, "OK", false},
 		{"no reason phrase", head("HTTP/1.1 404"), 404, "", false},
