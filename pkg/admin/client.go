@@ -1,0 +1,170 @@
+package admin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// Client talks to a running agent's admin socket.
+type Client struct {
+	path string
+	hc   *http.Client
+}
+
+// NewClient returns a client for the agent serving path. Nothing is
+// dialled until a call.
+func NewClient(path string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+		MaxIdleConns:    1,
+		IdleConnTimeout: 10 * time.Second,
+	}
+	return &Client{path: path, hc: &http.Client{Transport: tr, Timeout: 60 * time.Second}}
+}
+
+// Close releases idle connections.
+func (c *Client) Close() { c.hc.CloseIdleConnections() }
+
+// APIError is a non-2xx answer. It wraps ErrNotFound or ErrInvalid for
+// 404 and 400, so callers can use errors.Is.
+type APIError struct {
+	Status int
+	Msg    string
+}
+
+func (e *APIError) Error() string { return e.Msg }
+
+// Unwrap maps the status to the package's error kinds.
+func (e *APIError) Unwrap() error {
+	switch e.Status {
+	case http.StatusNotFound:
+		return ErrNotFound
+	case http.StatusBadRequest:
+		return ErrInvalid
+	}
+	return nil
+}
+
+// Status returns the agent's status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.do(ctx, http.MethodGet, "/status", nil, &st)
+	return st, err
+}
+
+// Conns lists the agent's connections that match q.
+func (c *Client) Conns(ctx context.Context, q ConnQuery) ([]Conn, error) {
+	v := url.Values{}
+	for k, s := range map[string]string{"backend": q.Backend, "client": q.Client, "route": q.Route} {
+		if s != "" {
+			v.Set(k, s)
+		}
+	}
+	if q.TCP {
+		v.Set("tcp", "1")
+	}
+	path := "/conns"
+	if len(v) > 0 {
+		path += "?" + v.Encode()
+	}
+	var cs []Conn
+	err := c.do(ctx, http.MethodGet, path, nil, &cs)
+	return cs, err
+}
+
+// Backends lists the agent's backends.
+func (c *Client) Backends(ctx context.Context) ([]Backend, error) {
+	var bs []Backend
+	err := c.do(ctx, http.MethodGet, "/backends", nil, &bs)
+	return bs, err
+}
+
+// Drain drains (on) or undrains the backends matching spec.
+func (c *Client) Drain(ctx context.Context, spec string, on bool) ([]Backend, error) {
+	verb := "/backends/undrain"
+	if on {
+		verb = "/backends/drain"
+	}
+	var bs []Backend
+	err := c.do(ctx, http.MethodPost, verb, backendRequest{Backend: spec}, &bs)
+	return bs, err
+}
+
+// SetWeight sets the weight of the backends matching spec.
+func (c *Client) SetWeight(ctx context.Context, spec string, weight int) ([]Backend, error) {
+	var bs []Backend
+	err := c.do(ctx, http.MethodPost, "/backends/weight", backendRequest{Backend: spec, Weight: &weight}, &bs)
+	return bs, err
+}
+
+// Kill closes connection id.
+func (c *Client) Kill(ctx context.Context, id uint64) error {
+	return c.do(ctx, http.MethodPost, "/conns/"+strconv.FormatUint(id, 10)+"/kill", struct{}{}, nil)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://wsplice/"+Version+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return c.dialError(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		var eb errorBody
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if json.Unmarshal(b, &eb) != nil || eb.Error == "" {
+			eb.Error = fmt.Sprintf("agent answered %s", resp.Status)
+		}
+		return &APIError{Status: resp.StatusCode, Msg: eb.Error}
+	}
+	if out == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("reading the agent's answer: %w", err)
+	}
+	return nil
+}
+
+// dialError explains why the agent could not be reached.
+func (c *Client) dialError(err error) error {
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "dial" {
+		return err
+	}
+	switch {
+	case errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ECONNREFUSED):
+		return fmt.Errorf("%w at %s: is the agent running (wsplice run), and is --admin-socket its admin.socket?", ErrNoAgent, c.path)
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return fmt.Errorf("%w: permission denied on %s: run as root or as a member of the socket's group", ErrNoAgent, c.path)
+	}
+	return fmt.Errorf("%w at %s: %v", ErrNoAgent, c.path, err)
+}
