@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/wsplice/wsplice/pkg/balance"
@@ -27,15 +28,13 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 		s.refuse(l, c, client, reason, statusFor(reason), nil)
 		return
 	}
-	released := false
-	release := func() {
-		if !released {
-			released = true
-			lim.release(limKey)
-		}
-	}
+	// The limiter slot is released exactly once: here if the connection
+	// never reaches a data plane, else by the plane's Done.
+	var once sync.Once
+	release := func() { once.Do(func() { lim.release(limKey) }) }
+	handedOff := false
 	defer func() {
-		if !released {
+		if !handedOff {
 			release()
 		}
 	}()
@@ -103,7 +102,7 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 		return
 	}
 	ok = true
-	released = true // the plane's Done releases the limiter slot now
+	handedOff = true
 }
 
 // readRequest reads, parses and routes the client's request head. It
@@ -289,9 +288,11 @@ func (s *Server) startPlane(l *listener, conn *Conn, c, be *net.TCPConn, release
 
 // closed runs when the data plane is done with a connection.
 func (s *Server) closed(conn *Conn, r dataplane.Result, release func()) {
-	s.table.remove(conn.ID)
-	conn.backend.Release()
+	// Free the limits before the table entry, so a client that sees the
+	// connection gone can connect again at once.
 	release()
+	conn.backend.Release()
+	s.table.remove(conn.ID)
 	if s.onClose != nil {
 		s.onClose(conn, r)
 	}
