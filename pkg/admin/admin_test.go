@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
 	"net"
 	"net/netip"
@@ -67,7 +66,7 @@ func (f *fakeHandler) update(spec string, fn func(b *Backend)) ([]Backend, error
 		}
 	}
 	if out == nil {
-		return nil, fmt.Errorf("%w: no backend matches %q", ErrNotFound, spec)
+		return nil, NotFoundf("no backend matches %q", spec)
 	}
 	return out, nil
 }
@@ -89,7 +88,7 @@ func (f *fakeHandler) Kill(_ context.Context, id uint64) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: connection %d", ErrNotFound, id)
+	return NotFoundf("connection %d", id)
 }
 
 func newFake() *fakeHandler {

@@ -13,6 +13,7 @@ package admin
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -33,6 +34,26 @@ var (
 	// ErrAgentRunning: Listen found another agent serving the socket.
 	ErrAgentRunning = errors.New("another agent is running")
 )
+
+// Invalidf returns an error that reads as its message and matches
+// ErrInvalid with errors.Is.
+func Invalidf(format string, a ...any) error {
+	return &kindError{fmt.Sprintf(format, a...), ErrInvalid}
+}
+
+// NotFoundf returns an error that reads as its message and matches
+// ErrNotFound with errors.Is.
+func NotFoundf(format string, a ...any) error {
+	return &kindError{fmt.Sprintf(format, a...), ErrNotFound}
+}
+
+type kindError struct {
+	msg  string
+	kind error
+}
+
+func (e *kindError) Error() string        { return e.msg }
+func (e *kindError) Is(target error) bool { return target == e.kind }
 
 // Handler is the agent side of the API. Methods are called concurrently,
 // one goroutine per request; ctx ends when the client goes away.
@@ -207,6 +228,8 @@ type Transition struct {
 	// Cause says who changed it: "admin" (drain, undrain, weight) or
 	// "observed" (health checks or a reload, seen by the agent's sampler).
 	Cause string `json:"cause,omitempty"`
+	// Reason says why, when known ("weight 1→5", a health-check error).
+	Reason string `json:"reason,omitempty"`
 }
 
 // Backend states.

@@ -1,7 +1,6 @@
 package admin
 
 import (
-	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -53,5 +52,5 @@ func ParseClientFilter(spec string) (ClientFilter, error) {
 		p = p.Masked()
 		return func(c netip.AddrPort) bool { return p.Contains(c.Addr().Unmap()) }, nil
 	}
-	return nil, fmt.Errorf("%w: client %q: give an address, address:port or prefix (192.0.2.7, 192.0.2.7:41000, 192.0.2.0/24)", ErrInvalid, spec)
+	return nil, Invalidf("client %q: give an address, address:port or prefix (192.0.2.7, 192.0.2.7:41000, 192.0.2.0/24)", spec)
 }

@@ -127,7 +127,7 @@ func SortConns(cs []Conn, key string) error {
 	case "backend":
 		f = func(a, b Conn) int { return cmp.Compare(a.Backend, b.Backend) }
 	default:
-		return fmt.Errorf("%w: cannot sort by %q: use one of %s", ErrInvalid, key, strings.Join(ConnSortKeys, ", "))
+		return Invalidf("cannot sort by %q: use one of %s", key, strings.Join(ConnSortKeys, ", "))
 	}
 	slices.SortStableFunc(cs, f)
 	return nil
@@ -211,8 +211,13 @@ func history(h []Transition, now time.Time) string {
 			break
 		}
 		s := fmt.Sprintf("%s %s ago", t.State, Age(now.Sub(t.Time)))
-		if t.Cause == "admin" {
+		switch {
+		case t.Cause == "admin" && t.Reason != "":
+			s += " (admin: " + t.Reason + ")"
+		case t.Cause == "admin":
 			s += " (admin)"
+		case t.Reason != "":
+			s += " (" + t.Reason + ")"
 		}
 		parts = append(parts, s)
 	}

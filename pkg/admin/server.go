@@ -255,7 +255,7 @@ func routes(h Handler, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST "+p+"/conns/{id}/kill", func(w http.ResponseWriter, r *http.Request) {
 		id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
 		if err != nil {
-			reply(w, nil, fmt.Errorf("%w: connection id %q is not a number", ErrInvalid, r.PathValue("id")))
+			reply(w, nil, Invalidf("connection id %q is not a number", r.PathValue("id")))
 			return
 		}
 		err = h.Kill(r.Context(), id)
@@ -281,7 +281,7 @@ func routes(h Handler, log *slog.Logger) http.Handler {
 				return
 			}
 			if req.Backend == "" {
-				reply(w, nil, fmt.Errorf("%w: name a backend (host:port, host, or pool/host:port)", ErrInvalid))
+				reply(w, nil, Invalidf("name a backend (host:port, host, or pool/host:port)"))
 				return
 			}
 			var bs []Backend
@@ -290,11 +290,11 @@ func routes(h Handler, log *slog.Logger) http.Handler {
 			switch verb {
 			case "weight":
 				if req.Weight == nil {
-					reply(w, nil, fmt.Errorf("%w: weight is missing", ErrInvalid))
+					reply(w, nil, Invalidf("weight is missing"))
 					return
 				}
 				if *req.Weight < 0 || *req.Weight > MaxWeight {
-					reply(w, nil, fmt.Errorf("%w: weight %d is out of range: use 0 to %d (0 takes the backend out of new selections)", ErrInvalid, *req.Weight, MaxWeight))
+					reply(w, nil, Invalidf("weight %d is out of range: use 0 to %d (0 takes the backend out of new selections)", *req.Weight, MaxWeight))
 					return
 				}
 				attrs = append(attrs, "weight", *req.Weight)
@@ -318,7 +318,7 @@ func decode(r *http.Request, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%w: body: %v", ErrInvalid, err)
+		return Invalidf("body: %v", err)
 	}
 	return nil
 }

@@ -1,0 +1,263 @@
+package admin
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+)
+
+// Commands returns the constructors of the operator commands that talk to
+// a running agent: status, conns, backends, drain, undrain, weight, kill.
+// They read two persistent flags of the root command: -o/--output (table
+// or json) and --admin-socket. Their errors wrap ErrNoAgent when the agent
+// cannot be reached and ErrInvalid for bad arguments, so main can choose an
+// exit code.
+func Commands() []func() *cobra.Command {
+	return []func() *cobra.Command{statusCmd, connsCmd, backendsCmd, drainCmd(true), drainCmd(false), weightCmd, killCmd}
+}
+
+// cliEnv is what every command reads from the root's flags.
+type cliEnv struct {
+	out    io.Writer
+	json   bool
+	client *Client
+}
+
+func env(cmd *cobra.Command) (*cliEnv, error) {
+	format, socket := "table", ""
+	if f := cmd.Flag("output"); f != nil {
+		format = f.Value.String()
+	}
+	if f := cmd.Flag("admin-socket"); f != nil {
+		socket = f.Value.String()
+	}
+	if format != "table" && format != "json" {
+		return nil, Invalidf("-o %q: use table or json", format)
+	}
+	if socket == "" {
+		return nil, Invalidf("--admin-socket is empty")
+	}
+	return &cliEnv{out: cmd.OutOrStdout(), json: format == "json", client: NewClient(socket)}, nil
+}
+
+// run wraps a command body with the environment and closes the client.
+func run(fn func(ctx context.Context, e *cliEnv, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		e, err := env(cmd)
+		if err != nil {
+			return err
+		}
+		defer e.client.Close()
+		ctx := cmd.Context()
+		if ctx == nil {
+			ctx = context.Background()
+		}
+		return fn(ctx, e, args)
+	}
+}
+
+func statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show the running agent: data plane, listeners, connections, pools",
+		Args:  cobra.NoArgs,
+		RunE: run(func(ctx context.Context, e *cliEnv, _ []string) error {
+			st, err := e.client.Status(ctx)
+			if err != nil {
+				return err
+			}
+			if e.json {
+				return WriteJSON(e.out, st)
+			}
+			return WriteStatus(e.out, st, time.Now())
+		}),
+	}
+}
+
+func connsCmd() *cobra.Command {
+	var q ConnQuery
+	var sortKey string
+	var noTCP bool
+	cmd := &cobra.Command{
+		Use:   "conns",
+		Short: "List established connections, like ss: client, backend, data plane, age, idle, bytes, RTT",
+		Long: `List established connections, oldest first. IN is bytes from the client to
+the backend, OUT from the backend to the client. RTT(C) and RTT(B) are the
+smoothed round-trip times of the client's and the backend's socket, RETR their
+retransmitted segments, read from the kernel's socket diagnostics.
+
+  wsplice conns --backend 10.0.0.1:8080 --sort out
+  wsplice conns --client 192.0.2.0/24 -o json`,
+		Args: cobra.NoArgs,
+		RunE: run(func(ctx context.Context, e *cliEnv, _ []string) error {
+			q.TCP = !noTCP
+			cs, err := e.client.Conns(ctx, q)
+			if err != nil {
+				return err
+			}
+			if err := SortConns(cs, sortKey); err != nil {
+				return err
+			}
+			if e.json {
+				return WriteJSON(e.out, cs)
+			}
+			return WriteConns(e.out, cs)
+		}),
+	}
+	f := cmd.Flags()
+	f.StringVar(&q.Backend, "backend", "", "only connections to this backend (host:port, host, or pool/host:port)")
+	f.StringVar(&q.Client, "client", "", "only connections from this client (address, address:port or prefix)")
+	f.StringVar(&q.Route, "route", "", "only connections of this route (as listed in ROUTE)")
+	f.StringVar(&sortKey, "sort", "id", "sort by: "+strings.Join(ConnSortKeys, ", ")+" (numbers largest first)")
+	f.BoolVar(&noTCP, "no-tcp", false, "skip the kernel's TCP detail (RTT, retransmits): faster with many connections")
+	return cmd
+}
+
+func backendsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "backends",
+		Short: "List backends: state, weight, active connections, recent state changes",
+		Args:  cobra.NoArgs,
+		RunE: run(func(ctx context.Context, e *cliEnv, _ []string) error {
+			bs, err := e.client.Backends(ctx)
+			if err != nil {
+				return err
+			}
+			return writeBackends(e, bs)
+		}),
+	}
+}
+
+func writeBackends(e *cliEnv, bs []Backend) error {
+	if e.json {
+		return WriteJSON(e.out, bs)
+	}
+	return WriteBackends(e.out, bs, time.Now())
+}
+
+func drainCmd(on bool) func() *cobra.Command {
+	return func() *cobra.Command {
+		var wait time.Duration
+		cmd := &cobra.Command{
+			Use:   "undrain BACKEND",
+			Short: "Let a drained backend take new connections again",
+			Args:  cobra.ExactArgs(1),
+		}
+		if on {
+			cmd.Use = "drain BACKEND"
+			cmd.Short = "Stop sending new connections to a backend; its established connections stay"
+			cmd.Long = `Stop sending new connections to a backend. Established connections stay
+until they close (or are killed). BACKEND is host:port, host (every port), or
+pool/host:port; without a pool it drains the backend in every pool.
+
+  wsplice drain 10.0.0.1:8080 --wait 10m   # return once its connections are gone`
+			cmd.Flags().DurationVar(&wait, "wait", 0, "wait until the backend has no active connections, at most this long")
+		}
+		cmd.RunE = run(func(ctx context.Context, e *cliEnv, args []string) error {
+			bs, err := e.client.Drain(ctx, args[0], on)
+			if err != nil {
+				return err
+			}
+			if wait > 0 {
+				if bs, err = waitDrained(ctx, e.client, args[0], wait); err != nil {
+					return err
+				}
+			}
+			return writeBackends(e, bs)
+		})
+		return cmd
+	}
+}
+
+// waitDrained polls until no backend matching spec has active connections.
+func waitDrained(ctx context.Context, c *Client, spec string, limit time.Duration) ([]Backend, error) {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		all, err := c.Backends(ctx)
+		if err != nil {
+			return nil, err
+		}
+		var bs []Backend
+		var active int64
+		for _, b := range all {
+			if MatchBackend(spec, b.Pool, b.Address) {
+				bs = append(bs, b)
+				active += b.Active
+			}
+		}
+		if active == 0 {
+			return bs, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%s still has %d active connections after %s (it stays drained; use wsplice kill to close them)", spec, active, limit)
+		case <-t.C:
+		}
+	}
+}
+
+func weightCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "weight BACKEND N",
+		Short: "Set a backend's weight (0 to " + strconv.Itoa(MaxWeight) + "; 0 takes it out of new selections)",
+		Long: `Set a backend's live weight, its share of new connections. Maglev moves keys
+when shares change, as with any change of the backend set. A reload resets the
+weight only if the file's weight for the backend changed.`,
+		Args: cobra.ExactArgs(2),
+		RunE: run(func(ctx context.Context, e *cliEnv, args []string) error {
+			w, err := strconv.Atoi(args[1])
+			if err != nil {
+				return Invalidf("weight %q is not a number", args[1])
+			}
+			bs, err := e.client.SetWeight(ctx, args[0], w)
+			if err != nil {
+				return err
+			}
+			return writeBackends(e, bs)
+		}),
+	}
+}
+
+func killCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "kill CONN...",
+		Short: "Close connections by id (RST to both sides), ids as listed by wsplice conns",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: run(func(ctx context.Context, e *cliEnv, args []string) error {
+			ids := make([]uint64, len(args))
+			for i, a := range args {
+				id, err := strconv.ParseUint(a, 10, 64)
+				if err != nil {
+					return Invalidf("connection id %q is not a number", a)
+				}
+				ids[i] = id
+			}
+			// Kill in order; on a failure, report what was killed before it.
+			killed := []uint64{}
+			var kerr error
+			for _, id := range ids {
+				if kerr = e.client.Kill(ctx, id); kerr != nil {
+					break
+				}
+				killed = append(killed, id)
+			}
+			if e.json && kerr == nil {
+				return WriteJSON(e.out, struct {
+					Killed []uint64 `json:"killed"`
+				}{killed})
+			}
+			for _, id := range killed {
+				fmt.Fprintf(e.out, "killed connection %d\n", id)
+			}
+			return kerr
+		}),
+	}
+}
