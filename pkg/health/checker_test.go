@@ -35,10 +35,13 @@ func TestFailoverAndRecovery(t *testing.T) {
 			p := newPool(t, pc)
 			c, ev := startChecker(t, p, pc, Options{})
 			waitActive(t, c, tInterval+tTimeout+slack)
+			// A first check can time out under -race on a busy machine;
+			// what counts starts once both were seen up.
+			steady := len(ev.snapshot())
 
 			t0 := time.Now()
 			tc.brk.breakIt(a)
-			down, next := ev.wait(t, 0, a.addr, ChangeDown, fallBound()+slack)
+			down, next := ev.wait(t, steady, a.addr, ChangeDown, fallBound()+slack)
 			took := down.Time.Sub(t0)
 			t.Logf("down after %s (bound %s): %s", took, fallBound(), down.Reason)
 			if took > fallBound()+slack {
@@ -66,14 +69,14 @@ func TestFailoverAndRecovery(t *testing.T) {
 			if b := backendOf(p, a.addr); !b.Healthy() {
 				t.Error("backend not healthy after up event")
 			}
-			if n := len(c.History(a.addr)); n != 2 {
-				t.Errorf("history has %d events, want down and up: %v", n, c.History(a.addr))
+			if h := c.History(a.addr); len(h) < 2 || h[len(h)-2] != down || h[len(h)-1] != up {
+				t.Errorf("history does not end with the down and up events: %v", h)
 			}
 			k := c.Counters()
-			if k.StateChanges != 2 || k.Checks == 0 || k.CheckFailures < tFall {
+			if k.StateChanges != uint64(steady)+2 || k.Checks == 0 || k.CheckFailures < tFall {
 				t.Errorf("counters %+v", k)
 			}
-			for _, e := range ev.snapshot() {
+			for _, e := range ev.snapshot()[steady:] {
 				if e.Address == b.addr {
 					t.Errorf("healthy backend had an event: %+v", e)
 				}
@@ -344,15 +347,23 @@ func TestJitter(t *testing.T) {
 	}
 	c.Stop()
 	at := be.arrivals()
+	// Scheduling on two shared cores under -race delays some checks, so
+	// most gaps, not all, must be within the bounds (those of jitter
+	// itself are exact, above).
 	var gaps []time.Duration
 	distinct := map[time.Duration]bool{}
+	inside := 0
 	for i := 1; i < len(at); i++ {
 		g := at[i].Sub(at[i-1])
 		gaps = append(gaps, g)
 		distinct[g.Round(time.Millisecond)] = true
-		if g < time.Duration(float64(iv)*(1-j))-3*time.Millisecond || g > time.Duration(float64(iv)*(1+j))+20*time.Millisecond {
-			t.Errorf("gap %d = %s, outside %s ± %.0f%%", i, g, iv, j*100)
+		if g >= time.Duration(float64(iv)*(1-j))-3*time.Millisecond && g <= time.Duration(float64(iv)*(1+j))+5*time.Millisecond {
+			inside++
 		}
+	}
+	t.Logf("gaps: %v", gaps)
+	if inside < len(gaps)*4/5 {
+		t.Errorf("%d of %d gaps within %s ± %.0f%%: %v", inside, len(gaps), iv, j*100, gaps)
 	}
 	if len(distinct) < 3 {
 		t.Errorf("gaps look unjittered: %v", gaps)

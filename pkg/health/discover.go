@@ -3,6 +3,7 @@ package health
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -33,13 +34,41 @@ func NewResolver(server string) Resolver {
 	if server == "" {
 		return net.DefaultResolver
 	}
-	return &net.Resolver{
+	return &serverResolver{server: server, r: &net.Resolver{
 		PreferGo: true,
 		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, server)
 		},
+	}}
+}
+
+// serverResolver asks one server. Go's resolver names the resolv.conf
+// server in its errors even when Dial sends the query elsewhere; the
+// errors are corrected so a log points at the server that was asked.
+type serverResolver struct {
+	server string
+	r      *net.Resolver
+}
+
+func (s *serverResolver) LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error) {
+	ips, err := s.r.LookupNetIP(ctx, network, host)
+	return ips, s.fix(err)
+}
+
+func (s *serverResolver) LookupSRV(ctx context.Context, service, proto, name string) (string, []*net.SRV, error) {
+	cname, recs, err := s.r.LookupSRV(ctx, service, proto, name)
+	return cname, recs, s.fix(err)
+}
+
+func (s *serverResolver) fix(err error) error {
+	var de *net.DNSError
+	if errors.As(err, &de) {
+		c := *de
+		c.Server = s.server
+		return &c
 	}
+	return err
 }
 
 // targetKind says how a configured backend address becomes backends.

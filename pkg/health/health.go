@@ -73,7 +73,8 @@ type Options struct {
 	// DefaultDNSInterval).
 	DNSInterval time.Duration
 	// ResolveTimeout bounds the lookups of one name in one round (0:
-	// DefaultResolveTimeout, at most DNSInterval).
+	// DefaultResolveTimeout). Rounds never overlap: a slow one delays the
+	// next.
 	ResolveTimeout time.Duration
 	// Jitter spreads each check interval uniformly over ±Jitter × interval
 	// (0: DefaultJitter; negative: none; at most 0.5), so checks of many
@@ -262,7 +263,6 @@ func NewChecker(pool *balance.Pool, cfg config.Pool, opt Options) (*Checker, err
 	if c.opt.ResolveTimeout <= 0 {
 		c.opt.ResolveTimeout = DefaultResolveTimeout
 	}
-	c.opt.ResolveTimeout = min(c.opt.ResolveTimeout, c.opt.DNSInterval)
 	switch {
 	case c.opt.Jitter == 0:
 		c.opt.Jitter = DefaultJitter

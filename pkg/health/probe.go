@@ -41,6 +41,10 @@ const (
 // answers with more is broken for our purposes.
 const maxResponseHead = 16 << 10
 
+// closeWait bounds how long a passed WebSocket check waits for the
+// server's answer to its close frame.
+const closeWait = 100 * time.Millisecond
+
 // userAgent identifies checks in backend access logs.
 const userAgent = "wsplice-health/1"
 
@@ -122,7 +126,7 @@ func (p *prober) probe(ctx context.Context, addr string) error {
 	case CheckHTTP:
 		return p.httpCheck(c, host)
 	case CheckWebSocket:
-		return p.wsCheck(c, host)
+		return p.wsCheck(c, host, dl)
 	}
 	return fmt.Errorf("unknown check type %q", p.typ)
 }
@@ -149,7 +153,7 @@ func (p *prober) httpCheck(c net.Conn, host string) error {
 // masked close frame (1001 going away) and waits, within the deadline, for
 // the server to end the connection, so a backend sees a clean close rather
 // than an abnormal one.
-func (p *prober) wsCheck(c net.Conn, host string) error {
+func (p *prober) wsCheck(c net.Conn, host string, deadline time.Time) error {
 	var raw [16]byte
 	rand.Read(raw[:])
 	key := base64.StdEncoding.EncodeToString(raw[:])
@@ -176,8 +180,12 @@ func (p *prober) wsCheck(c net.Conn, host string) error {
 		return fmt.Errorf("wrong Sec-WebSocket-Accept %q, want %q", got, want)
 	}
 	// The handshake passed; what follows is courtesy and cannot fail the
-	// check.
+	// check: send a close frame and give the server a moment to answer it
+	// and hang up, so it logs a clean close rather than an abnormal one.
 	c.Write(closeFrame(1001, "health check"))
+	if dl := time.Now().Add(closeWait); dl.Before(deadline) {
+		c.SetReadDeadline(dl)
+	}
 	io.Copy(io.Discard, io.LimitReader(c, 64<<10))
 	return nil
 }
