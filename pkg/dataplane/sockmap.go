@@ -117,6 +117,7 @@ type Sockmap struct {
 	conns     map[uint64]*smConn // by Conn.ID, kernel path only
 	byCookie  map[uint64]*smConn // both sockets of each conn
 	hot       map[*smConn]struct{}
+	urgent    []*smConn // to poll in this loop iteration (FIN seen)
 	demoteQ   []*smConn
 	demoted   map[uint64]*smDemoted
 	cmds      []smCmd

@@ -83,6 +83,13 @@ func (s *Sockmap) loop(ready chan<- error) {
 		}
 		now = monoNow()
 		s.runCmds(now)
+		for _, c := range s.urgent {
+			if _, ok := s.hot[c]; ok {
+				s.poll(c, now)
+			}
+		}
+		clear(s.urgent)
+		s.urgent = s.urgent[:0]
 		if now >= nextTick {
 			s.tick(now)
 			nextTick = now + int64(s.opts.PollInterval)
@@ -144,6 +151,9 @@ func (s *Sockmap) sockEvent(c *smConn, side int, ev uint32) {
 			c.first = int8(side)
 		}
 		s.makeHot(c)
+		// Poll it in this iteration, not at the next tick: short
+		// connections end with a FIN and should not wait a tick for it.
+		s.urgent = append(s.urgent, c)
 	}
 	if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 		err := smSockErr(c.fd[side])
