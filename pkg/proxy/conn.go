@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -89,12 +91,24 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 		return
 	}
 	if l.cfg.Mode != "tcp" {
-		status, err := s.relayResponse(l, c, be)
+		resp, rest, err := s.readResponse(l, be)
 		if err != nil {
 			s.refuse(l, c, client, RefuseBackendHead, 502, err)
 			return
 		}
-		conn.Status = status
+		conn.Status = resp.Status
+		if conn.Upgrade && !resp.Upgrade {
+			// The backend declined the upgrade: it still speaks HTTP on this
+			// connection, so tunnelling would let the client send further
+			// requests past every check here. Relay the answer and close.
+			s.relayRefusedUpgrade(l, c, be, resp, rest, conn)
+			return
+		}
+		if err := s.relay(l, c, resp.raw, rest); err != nil {
+			s.log.Debug("client write failed", "client", client.String(), "err", err)
+			c.Close()
+			return
+		}
 	}
 	conn.ID = s.ids.Add(1)
 	conn.Handshake = time.Since(start)
@@ -154,6 +168,7 @@ func (s *Server) readRequest(l *listener, st *state, c *net.TCPConn, client neti
 		return nil, nil, balance.Key{}, false
 	}
 	conn.Route = r.name
+	conn.Upgrade = req.Upgrade
 	if !r.originAllowed(req.Origin()) {
 		s.refuse(l, c, client, RefuseOrigin, 403, nil)
 		return nil, nil, balance.Key{}, false
@@ -228,27 +243,72 @@ func (s *Server) sendHead(p *pool, be, c *net.TCPConn, client netip.AddrPort, he
 	return err
 }
 
-// relayResponse reads the backend's response head (bounded, with the
-// listener's handshake deadline) and passes it, with anything the backend
-// sent behind it, to the client. The status is kept for the logs.
-func (s *Server) relayResponse(l *listener, c, be *net.TCPConn) (int, error) {
+// response is the backend's parsed response head and its bytes.
+type response struct {
+	*handshake.Response
+	raw []byte
+}
+
+// readResponse reads the backend's response head, bounded and with the
+// listener's handshake deadline. rest holds what the backend sent behind it.
+func (s *Server) readResponse(l *listener, be *net.TCPConn) (response, []byte, error) {
 	lim := handshake.Limits{MaxHeadBytes: l.cfg.MaxHeadBytes, MaxHeaders: l.cfg.MaxHeaders}
 	be.SetReadDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
 	raw, rest, err := handshake.ReadHead(be, lim)
 	be.SetReadDeadline(time.Time{})
 	if err != nil {
-		return 0, err
+		return response{}, nil, err
 	}
-	status := 0
-	if resp, err := handshake.ParseResponse(raw, lim); err == nil {
-		status = resp.Status
+	resp, err := handshake.ParseResponse(raw, lim)
+	if err != nil {
+		return response{}, nil, err
 	}
+	return response{Response: resp, raw: raw}, rest, nil
+}
+
+// relay writes the response head and what followed it to the client.
+func (s *Server) relay(l *listener, c *net.TCPConn, head, rest []byte) error {
 	c.SetWriteDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
 	defer c.SetWriteDeadline(time.Time{})
-	if _, err := c.Write(append(raw, rest...)); err != nil {
-		return status, err
+	_, err := c.Write(append(head, rest...))
+	return err
+}
+
+// maxRefusalBody bounds the body of a declined upgrade that is relayed.
+const maxRefusalBody = 64 << 10
+
+// relayRefusedUpgrade passes a backend's non-101 answer to an upgrade
+// request to the client — head and a body of known length up to 64 KiB —
+// and closes both connections.
+func (s *Server) relayRefusedUpgrade(l *listener, c, be *net.TCPConn, resp response, rest []byte, conn *Conn) {
+	// handle's deferred cleanup closes be and releases the backend.
+	defer c.Close()
+	body := rest
+	if n, err := strconv.ParseInt(headerValue(resp.Headers, "Content-Length"), 10, 64); err == nil && n >= 0 && n <= maxRefusalBody {
+		if int64(len(body)) > n {
+			body = body[:n]
+		}
+		if int64(len(body)) < n {
+			be.SetReadDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
+			more := make([]byte, n-int64(len(body)))
+			k, _ := io.ReadFull(be, more)
+			body = append(body, more[:k]...)
+		}
 	}
-	return status, nil
+	s.Counters.UpgradeDeclined.Add(1)
+	s.log.Info("backend declined the upgrade", "listener", l.cfg.Name, "client", conn.Client.String(), "backend", conn.Backend, "status", resp.Status)
+	if s.relay(l, c, resp.raw, body) == nil {
+		c.CloseWrite()
+	}
+}
+
+func headerValue(hs []handshake.Header, name string) string {
+	for _, h := range hs {
+		if strings.EqualFold(h.Name, name) {
+			return h.Value
+		}
+	}
+	return ""
 }
 
 // startPlane hands the pair to the listener's data plane. With "auto" a

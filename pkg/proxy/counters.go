@@ -23,10 +23,11 @@ const (
 
 // Counters are the proxy's own monotonic counters, read at scrape time.
 type Counters struct {
-	Accepted       atomic.Uint64
-	Established    atomic.Uint64
-	ConnectFails   atomic.Uint64 // backend connect failures (each try)
-	PlaneFallbacks atomic.Uint64 // sockmap refused a connection, splice took it
+	Accepted        atomic.Uint64
+	Established     atomic.Uint64
+	ConnectFails    atomic.Uint64 // backend connect failures (each try)
+	PlaneFallbacks  atomic.Uint64 // sockmap refused a connection, splice took it
+	UpgradeDeclined atomic.Uint64 // backend answered an upgrade with something other than 101
 
 	mu       sync.Mutex
 	refusals map[string]*atomic.Uint64 // by "reason/status"

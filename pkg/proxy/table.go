@@ -25,6 +25,7 @@ type Conn struct {
 	BackendTo   netip.AddrPort // backend's address as dialled
 	BackendFrom netip.AddrPort // agent's address on the backend side
 	Start       time.Time
+	Upgrade     bool          // the client asked for a WebSocket upgrade
 	Status      int           // backend's response status (101 for an upgrade, 0 in tcp mode)
 	Handshake   time.Duration // accept → handed to the data plane
 	Plane       dataplane.Plane

@@ -223,7 +223,7 @@ func TestFDLimit(t *testing.T) {
 	cmd.Env = append(os.Environ(), "WSPLICE_E2E_AGENT="+string(js), "WSPLICE_E2E_NOFILE=1400")
 	stdin, _ := cmd.StdinPipe()
 	out, _ := cmd.StdoutPipe()
-	var stderr strings.Builder
+	var stderr syncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -243,9 +243,6 @@ func TestFDLimit(t *testing.T) {
 		t.Fatalf("child agent: %v\n%s", err, stderr.String())
 	}
 	addr := strings.TrimSpace(strings.TrimPrefix(line, "LISTEN "))
-	if !strings.Contains(stderr.String(), "capping limits.max_conns") {
-		t.Errorf("the agent did not say it capped max_conns:\n%s", stderr.String())
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	const capConns = (1400 - 1024) / 2
@@ -283,6 +280,28 @@ func TestFDLimit(t *testing.T) {
 	for _, c := range conns[10:] {
 		c.CloseNow()
 	}
+	// Logged before LISTEN, so it is in stderr by now.
+	if !strings.Contains(stderr.String(), "capping limits.max_conns") || !strings.Contains(stderr.String(), "LimitNOFILE") {
+		t.Errorf("the agent did not say it capped max_conns and how to fix it:\n%s", stderr.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a child's output goroutine and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 func tail(s string, n int) string {

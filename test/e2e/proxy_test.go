@@ -390,3 +390,32 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestBackendDeclinesUpgrade: a backend that answers an upgrade with 403
+// has its answer relayed, and the connection is closed rather than
+// tunnelled (the client could otherwise send more requests past the
+// agent's checks).
+func TestBackendDeclinesUpgrade(t *testing.T) {
+	backend := rawBackend(t, func(c net.Conn, br *bufio.Reader, head string) {
+		io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\nnope\r\n")
+		io.Copy(io.Discard, br) // keep-alive: the backend would read a next request
+	})
+	a := startAgent(t, simpleConfig("splice", backend))
+	c, err := net.Dial("tcp", a.Addr("ws").String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, upgradeRequest("/ws/"))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	all, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("reading: %v", err)
+	}
+	if !strings.HasPrefix(string(all), "HTTP/1.1 403") || !strings.HasSuffix(string(all), "nope\r\n") {
+		t.Fatalf("client got %q", all)
+	}
+	if a.Proxy.Counters.UpgradeDeclined.Load() != 1 || a.Proxy.Active() != 0 {
+		t.Fatalf("declined=%d active=%d", a.Proxy.Counters.UpgradeDeclined.Load(), a.Proxy.Active())
+	}
+}
