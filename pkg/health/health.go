@@ -197,7 +197,6 @@ type Checker struct {
 
 	mu          sync.Mutex
 	phase       int // 0 new, 1 started, 2 stopped
-	handedOver  bool
 	ctx         context.Context
 	cancel      context.CancelFunc
 	members     map[string]*member
@@ -360,7 +359,6 @@ func (c *Checker) stop(handover bool) {
 		return
 	}
 	c.phase = 2
-	c.handedOver = handover
 	if c.cancel != nil {
 		c.cancel()
 	}
