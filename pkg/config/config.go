@@ -59,6 +59,12 @@ type Listener struct {
 	MaxHeadBytes int `yaml:"max_head_bytes"`
 	// MaxHeaders bounds the number of request header fields.
 	MaxHeaders int `yaml:"max_headers"`
+	// TLS terminates TLS on a websocket listener (see tls.go).
+	TLS *TLS `yaml:"tls"`
+	// SNI configures a tls_passthrough listener (see tls.go).
+	SNI *SNI `yaml:"sni"`
+	// Keepalive sets TCP keepalive and TCP_USER_TIMEOUT on both sockets.
+	Keepalive Keepalive `yaml:"keepalive"`
 }
 
 // Route sends matching requests to a pool.

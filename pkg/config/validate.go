@@ -186,6 +186,7 @@ func (c *Config) Validate() error {
 		if l.MaxHeaders < 1 || l.MaxHeaders > 1000 {
 			bad(f+".max_headers", "%d is out of range: use 1 to 1000", l.MaxHeaders)
 		}
+		validateTLS(&c.Listeners[i], f, bad)
 		if l.Backlog < 0 {
 			bad(f+".backlog", "%d is negative: use 0 to follow net.core.somaxconn", l.Backlog)
 		}
