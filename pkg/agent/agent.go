@@ -26,12 +26,16 @@ type Options struct {
 	Logger     *slog.Logger
 	// Ready, when set, receives the agent once it listens (tests, the demo).
 	Ready func(*Agent)
+	// OnClose, when set, is called for every closed connection after the
+	// access log line (tests).
+	OnClose func(*proxy.Conn, dataplane.Result)
 }
 
 // Agent is one running wsplice.
 type Agent struct {
 	cfg     *config.Config
 	path    string // config file, for reload
+	onClose func(*proxy.Conn, dataplane.Result)
 	log     *slog.Logger
 	Proxy   *proxy.Server
 	Splice  *dataplane.Splice
@@ -49,7 +53,7 @@ func Run(ctx context.Context, opts Options) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath}
+	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath, onClose: opts.OnClose}
 	if err := a.start(); err != nil {
 		a.stopPlanes()
 		return err
@@ -124,7 +128,14 @@ func (a *Agent) start() error {
 		return err
 	}
 	a.access = access
-	srv, err := proxy.New(a.cfg, planes, proxy.Options{Logger: a.log, OnClose: access.write})
+	onClose := access.write
+	if a.onClose != nil {
+		onClose = func(c *proxy.Conn, r dataplane.Result) {
+			access.write(c, r)
+			a.onClose(c, r)
+		}
+	}
+	srv, err := proxy.New(a.cfg, planes, proxy.Options{Logger: a.log, OnClose: onClose})
 	if err != nil {
 		return err
 	}
