@@ -87,10 +87,13 @@ type Options struct {
 	// ladder of primes that roughly doubles, so that adding a backend
 	// rarely changes M (which would reshuffle every key).
 	TableSize int
-	// BalanceFactor is ε of consistent hashing with bounded loads: Maglev
-	// gives a backend a new connection only while that keeps it at or below
-	// ⌈(1+ε) · average⌉, weighted (HAProxy hash-balance-factor 125 is ε =
-	// 0.25). 0 turns it off for strict stickiness.
+	// BalanceFactor is ε of consistent hashing with bounded loads (Mirrokni,
+	// Thorup, Zadimoghaddam): Maglev gives a backend a new connection only
+	// while that keeps it at or below ⌈(1+ε)·m·w/W⌉ — m the pool's
+	// connections counting the new one, w the backend's weight, W the
+	// weight of the available backends of its tier — and otherwise tries
+	// the key's next probe. HAProxy's hash-balance-factor 125 is ε = 0.25.
+	// 0 turns it off for strict stickiness. Only Maglev uses it.
 	BalanceFactor float64
 }
 
@@ -100,12 +103,16 @@ type Options struct {
 type Pool struct {
 	name     string
 	opt      Options
-	mu       sync.Mutex // serialises Update, SetWeight and state changes
-	snap     atomic.Pointer[snapshot]
-	total    atomic.Int64 // active connections on all backends the pool made
 	needSch  bool
 	needTbl  bool
-	tableFor int // table size currently in use (for TableSize)
+	mu       sync.Mutex // serialises Update, SetWeight and state changes
+	tableFor int        // table size currently in use (for TableSize)
+	snap     atomic.Pointer[snapshot]
+	// total is written by every pick and release; the padding keeps it
+	// off the cache line of snap, which every pick reads.
+	_     [64]byte
+	total atomic.Int64 // active connections on all backends the pool made
+	_     [56]byte
 }
 
 // stateSnap returns the current snapshot.
@@ -121,11 +128,15 @@ type tier struct {
 	members []*Backend // spec order
 	table   []uint32   // Maglev: slot → member index
 	sched   []uint32   // weighted round-robin cycle of member indices
-	next    atomic.Uint64
 	// Available members and their total weight, refreshed under Pool.mu
 	// whenever a member's availability changes.
 	availN atomic.Int64
 	availW atomic.Int64
+	// next is the round-robin cursor, written by every round-robin and
+	// least_conn pick: on its own cache line, away from what picks read.
+	_    [64]byte
+	next atomic.Uint64
+	_    [56]byte
 }
 
 // recount refreshes the availability totals of every tier. Called with
@@ -164,6 +175,9 @@ func NewPool(name string, specs []BackendSpec, opt Options) (*Pool, error) {
 	}
 	if opt.BalanceFactor < 0 || math.IsNaN(opt.BalanceFactor) || math.IsInf(opt.BalanceFactor, 0) {
 		return nil, fmt.Errorf("pool %s: balance factor %g: use 0 (off) or a positive ε such as 0.25", name, opt.BalanceFactor)
+	}
+	if opt.TableSize < 0 {
+		return nil, fmt.Errorf("pool %s: table size %d is negative: use 0 to pick one", name, opt.TableSize)
 	}
 	if opt.TableSize != 0 && (opt.TableSize > maxTableSize || !isPrime(opt.TableSize)) {
 		return nil, fmt.Errorf("pool %s: table size %d: use a prime up to %d, e.g. %d, or 0 to pick one", name, opt.TableSize, maxTableSize, nextPrime(min(opt.TableSize, maxTableSize-1000)))

@@ -19,6 +19,7 @@ func TestNewPoolErrors(t *testing.T) {
 		{"maglev fallback", specs(2), Options{Algorithm: Maglev, Fallback: Maglev}, "fallback"},
 		{"unknown fallback", specs(2), Options{Algorithm: Maglev, Fallback: "x"}, "fallback"},
 		{"negative factor", specs(2), Options{Algorithm: Maglev, BalanceFactor: -1}, "balance factor"},
+		{"table negative", specs(2), Options{Algorithm: Maglev, TableSize: -5}, "negative"},
 		{"table not prime", specs(2), Options{Algorithm: Maglev, TableSize: 1000}, "prime"},
 		{"table too small", specs(20), Options{Algorithm: Maglev, TableSize: 1009}, "less than 100"},
 		{"table too big", specs(2), Options{Algorithm: Maglev, TableSize: 1<<24 + 43}, "prime up to"},
