@@ -30,7 +30,7 @@ type SockmapOptions struct {
 	// 4 MiB; negative disables parked demotion (unsafe with slow readers).
 	ParkedHighWater int64
 	// RateLimit demotes a connection whose bytes/s in either direction,
-	// measured over 100 ms while it is busy, exceed it: bulk flows get
+	// measured over 50 ms while it is busy, exceed it: bulk flows get
 	// TCP flow control and full splice throughput. 0 disables it.
 	RateLimit int64
 	// PollInterval is how often busy connections are checked for parked

@@ -89,6 +89,7 @@ type smCmd struct {
 	id     uint64
 	all    bool
 	reason CloseReason
+	demote string // demote instead of closing, with this reason
 }
 
 // smOut is work the loop does after releasing mu: a Done call, or a hand-off

@@ -37,6 +37,21 @@ const (
 // connection, and the map holds 4096.
 const smDemoteBatch = 2048
 
+// demote asks the loop to demote connection id now, as if reason had
+// triggered. Tests use it to demote at chosen moments.
+func (s *Sockmap) demote(id uint64, reason string) bool {
+	s.mu.Lock()
+	_, ok := s.conns[id]
+	if ok {
+		s.cmds = append(s.cmds, smCmd{id: id, demote: reason})
+	}
+	s.mu.Unlock()
+	if ok {
+		s.ep.poke()
+	}
+	return ok
+}
+
 func (s *Sockmap) queueDemote(c *smConn, reason string) {
 	if c.phase != smLive {
 		return

@@ -23,7 +23,7 @@ import (
 
 const (
 	smQuietPolls   = 4 // quiet polls before a connection is no longer busy
-	smRateWindow   = 100 * time.Millisecond
+	smRateWindow   = 50 * time.Millisecond
 	smCloseGrace   = 2 * time.Second // FIN close waits this long at most for parked bytes
 	smStallTimeout = 2 * time.Second // FIN with bytes unaccounted for this long: integrity reset
 )
@@ -186,6 +186,10 @@ func (s *Sockmap) runCmds(now int64) {
 			continue
 		}
 		if c := s.conns[cmd.id]; c != nil {
+			if cmd.demote != "" {
+				s.queueDemote(c, cmd.demote)
+				continue
+			}
 			s.closeWith(c, cmd.reason, now)
 		}
 	}
