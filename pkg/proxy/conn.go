@@ -50,7 +50,7 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 	switch l.cfg.Mode {
 	case "tcp":
 		p = st.pools[l.cfg.Pool]
-		key = p.key.compute(nil, client.Addr())
+		key = keyFor(p.key, nil, client)
 		conn.Route = "tcp"
 	default:
 		var r *route
@@ -180,7 +180,7 @@ func (s *Server) readRequest(l *listener, st *state, c *net.TCPConn, client neti
 	fw := handshake.Forwarding{ClientAddr: client, Proto: "http", Headers: r.pool.cfg.Forward == "headers", Close: !req.Upgrade}
 	out := req.AppendRewritten(make([]byte, 0, len(raw)+128+len(rest)), fw)
 	out = append(out, rest...)
-	return out, r, r.key.compute(req, client.Addr()), true
+	return out, r, keyFor(r.key, req, client), true
 }
 
 // connect picks a backend and dials it, trying the next one on failure

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"net/netip"
-	"strconv"
 	"strings"
 
 	"github.com/wsplice/wsplice/pkg/balance"
@@ -19,14 +18,14 @@ type route struct {
 	pool        *pool
 	upgradeOnly bool
 	origins     []string
-	key         hashKey
+	key         balance.KeySpec
 }
 
 // pool is a balance.Pool with the proxy's per-pool settings.
 type pool struct {
 	*balance.Pool
 	cfg config.Pool
-	key hashKey
+	key balance.KeySpec
 }
 
 // match reports whether the route serves host and path. Host comparison is
@@ -83,57 +82,21 @@ func (r *route) originAllowed(origin string) bool {
 	return false
 }
 
-// hashKey says what a pool's consistent hash reads from a connection.
-type hashKey struct {
-	kind   string // client_ip, header, cookie, query, path, uri, client_port
-	name   string
-	prefix int // for client_ip: bits kept (IPv4); -1 = all
-}
-
-func parseHashKey(s string) hashKey {
-	kind, name, _ := strings.Cut(s, ":")
-	k := hashKey{kind: kind, name: name, prefix: -1}
-	if ip, p, ok := strings.Cut(s, "/"); ok && ip == "client_ip" {
-		k.kind = "client_ip"
-		k.prefix, _ = strconv.Atoi(p)
-	}
+// parseHashKey compiles a validated hash_key expression.
+func parseHashKey(s string) balance.KeySpec {
+	k, _ := balance.ParseKeySpec(s) // config.Validate already checked it
 	return k
 }
 
-// compute derives the key for one connection; req is nil in tcp mode.
-func (k hashKey) compute(req *handshake.Request, client netip.Addr) balance.Key {
-	switch k.kind {
-	case "client_ip":
-		// client_ip/N: N ≤ 32 is an IPv4 prefix (nginx ip_hash keeps /24)
-		// and IPv6 clients are grouped by /64, their usual subnet; N > 32
-		// is an IPv6 prefix and IPv4 keeps the whole address.
-		v4, v6 := 32, 128
-		switch {
-		case k.prefix > 32:
-			v6 = k.prefix
-		case k.prefix > 0:
-			v4, v6 = k.prefix, 64
+// keyFor derives a connection's hash key; req is nil in tcp mode.
+func keyFor(k balance.KeySpec, req *handshake.Request, client netip.AddrPort) balance.Key {
+	in := balance.KeyInput{Client: client}
+	if req != nil {
+		in.Target = req.Target
+		in.Header = func(name string) (string, bool) {
+			v := req.Header(name)
+			return v, v != ""
 		}
-		return balance.HashAddr(client, v4, v6)
 	}
-	if req == nil {
-		return balance.Key{}
-	}
-	var v string
-	switch k.kind {
-	case "header":
-		v = req.Header(k.name)
-	case "cookie":
-		v = req.Cookie(k.name)
-	case "query":
-		v = req.Query(k.name)
-	case "path":
-		v = req.Path
-	case "uri":
-		v = req.Target
-	}
-	if v == "" {
-		return balance.Key{}
-	}
-	return balance.HashString(v)
+	return k.Key(&in)
 }

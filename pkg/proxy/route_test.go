@@ -62,12 +62,12 @@ func TestHashKeyCompute(t *testing.T) {
 	}
 	ip := netip.MustParseAddr("192.0.2.77")
 	same := func(a, b string) bool {
-		ka := parseHashKey(a).compute(req, ip)
-		kb := parseHashKey(b).compute(req, ip)
+		ka := keyFor(parseHashKey(a), req, netip.AddrPortFrom(ip, 1))
+		kb := keyFor(parseHashKey(b), req, netip.AddrPortFrom(ip, 1))
 		return ka == kb
 	}
-	for _, k := range []string{"header:X-User-Id", "cookie:sid", "query:uid", "path", "uri", "client_ip", "client_ip/24"} {
-		key := parseHashKey(k).compute(req, ip)
+	for _, k := range []string{"header:X-User-Id", "cookie:sid", "query:uid", "path", "uri", "client_ip", "client_ip/24", "client_port"} {
+		key := keyFor(parseHashKey(k), req, netip.AddrPortFrom(ip, 1))
 		if !key.Present {
 			t.Errorf("%s: key missing", k)
 		}
@@ -75,21 +75,21 @@ func TestHashKeyCompute(t *testing.T) {
 	if same("header:X-User-Id", "cookie:sid") {
 		t.Error("different keys hash the same")
 	}
-	if parseHashKey("header:X-Missing").compute(req, ip).Present {
+	if keyFor(parseHashKey("header:X-Missing"), req, netip.AddrPortFrom(ip, 1)).Present {
 		t.Error("a missing header must give no key (the fallback algorithm picks)")
 	}
 	// client_ip/24 groups a /24 together, client_ip does not.
 	k24 := parseHashKey("client_ip/24")
-	if k24.compute(nil, ip) != k24.compute(nil, netip.MustParseAddr("192.0.2.1")) {
+	if keyFor(k24, nil, netip.AddrPortFrom(ip, 1)) != keyFor(k24, nil, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), 1)) {
 		t.Error("client_ip/24 separates two addresses of one /24")
 	}
 	full := parseHashKey("client_ip")
-	if full.compute(nil, ip) == full.compute(nil, netip.MustParseAddr("192.0.2.1")) {
+	if keyFor(full, nil, netip.AddrPortFrom(ip, 1)) == keyFor(full, nil, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), 1)) {
 		t.Error("client_ip merges two addresses")
 	}
 	// IPv6 under client_ip/24 is grouped by /64.
 	a6, b6 := netip.MustParseAddr("2001:db8:1:2::1"), netip.MustParseAddr("2001:db8:1:2:ffff::9")
-	if k24.compute(nil, a6) != k24.compute(nil, b6) {
+	if keyFor(k24, nil, netip.AddrPortFrom(a6, 1)) != keyFor(k24, nil, netip.AddrPortFrom(b6, 1)) {
 		t.Error("client_ip/24 should group IPv6 clients by /64")
 	}
 }
