@@ -1,0 +1,294 @@
+package main
+
+// The markdown report: medians over rounds per target, ratios against
+// direct and nginx, and the issue's targets checked against numbers from
+// the same run.
+
+import (
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+	"time"
+)
+
+// median of metric over the successful runs of (target, test, conns).
+func (h *harness) median(target, test string, conns int, metric func(Result) float64) float64 {
+	var v []float64
+	for _, r := range h.results {
+		if r.Target != target || r.Test != test || (conns > 0 && r.Conns != conns) || strings.HasPrefix(r.Note, "run failed") {
+			continue
+		}
+		x := metric(r)
+		if x == 0 || math.IsNaN(x) {
+			continue
+		}
+		v = append(v, x)
+	}
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	slices.Sort(v)
+	if len(v)%2 == 1 {
+		return v[len(v)/2]
+	}
+	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+}
+
+// errorsOf sums errors of (target, test).
+func (h *harness) errorsOf(target, test string) int {
+	n := 0
+	for _, r := range h.results {
+		if r.Target == target && r.Test == test {
+			n += r.Errors
+		}
+	}
+	return n
+}
+
+func num(v float64, prec int) string {
+	if math.IsNaN(v) {
+		return "—"
+	}
+	return fmt.Sprintf("%.*f", prec, v)
+}
+
+// lat formats microseconds: one decimal under 100, none above.
+func lat(v float64) string {
+	if math.IsNaN(v) {
+		return "—"
+	}
+	if v < 100 {
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+func ratio(v, base float64) string {
+	if math.IsNaN(v) || math.IsNaN(base) || base == 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.2f×", v/base)
+}
+
+type table struct {
+	b *strings.Builder
+}
+
+func (t table) row(cells ...string) {
+	t.b.WriteString("| " + strings.Join(cells, " | ") + " |\n")
+}
+
+func (t table) head(cells ...string) {
+	t.row(cells...)
+	sep := make([]string, len(cells))
+	for i := range sep {
+		sep[i] = "---"
+		if i > 0 {
+			sep[i] = "---:"
+		}
+	}
+	t.row(sep...)
+}
+
+func (h *harness) report(elapsed time.Duration) string {
+	var b strings.Builder
+	t := table{&b}
+	m := h.mach
+	p := h.plan
+	fmt.Fprintf(&b, "## wsplice benchmark (%s run), %s\n\n", p.name, m.Date)
+	fmt.Fprintf(&b, "Machine: `nproc` %d, kernel %s, CPU %s, %s RAM, open-file hard limit %s. Go %s, wsplice %s, nginx %s, HAProxy %s.\n\n",
+		m.Nproc, m.Kernel, m.CPU, m.MemGB, m.NofileH, m.Go, m.Commit, m.Nginx, m.HAProxy)
+	pin := "no pinning"
+	if h.genCPU != "" {
+		pin = fmt.Sprintf("generator pinned to CPU %s and each proxy to CPU %s (taskset), backends unpinned", h.genCPU, h.proxyCPU)
+	}
+	fmt.Fprintf(&b, "Run: %d round(s) with targets interleaved (order rotated each round), %s windows after %s warm-up; %s; everything on loopback. "+
+		"Took %s. Cells are medians over rounds; every run is a line in %s.\n\n",
+		p.rounds, p.dur, p.warm, pin, elapsed.Round(time.Second), h.outPath)
+	var noisy, total int
+	maxBg := 0.0
+	for _, r := range h.results {
+		total++
+		maxBg = max(maxBg, r.BgBusy)
+		if r.Noisy {
+			noisy++
+		}
+	}
+	fmt.Fprintf(&b, "Other load: before each run the machine's busy share is sampled for 250 ms; above %.0f%% the run waits and retries (bounded). "+
+		"%d of %d runs went ahead above it (highest background %.0f%%); waited %s in all.\n\n",
+		p.busyMax*100, noisy, total, maxBg*100, h.waited.Round(time.Second))
+	for _, tg := range h.targets {
+		if tg.Skip != "" {
+			fmt.Fprintf(&b, "- **%s skipped**: %s\n", tg.Name, tg.Skip)
+		}
+	}
+	b.WriteString("\nTargets: ")
+	var descs []string
+	for _, tg := range h.targets {
+		descs = append(descs, fmt.Sprintf("**%s** — %s", tg.Name, tg.Desc))
+	}
+	b.WriteString(strings.Join(descs, "; ") + ".\n\n")
+
+	live := func(bulk bool) []*target {
+		var out []*target
+		for _, tg := range h.targets {
+			if tg.Skip == "" && (bulk || !tg.BulkOnly) {
+				out = append(out, tg)
+			}
+		}
+		return out
+	}
+	med := func(tg, test string, conns int, f func(Result) float64) float64 { return h.median(tg, test, conns, f) }
+	msgs := func(r Result) float64 { return r.MsgsPerS }
+	p50 := func(r Result) float64 { return r.P50us }
+	p99 := func(r Result) float64 { return r.P99us }
+	p999 := func(r Result) float64 { return r.P999us }
+	mbps := func(r Result) float64 { return r.MBps }
+	cpuMB := func(r Result) float64 { return r.CPUMsPerMB }
+	cpuAttrMB := func(r Result) float64 { return r.CPUAttrMsPerMB }
+	hsps := func(r Result) float64 { return r.HsPerS }
+	hs50 := func(r Result) float64 { return r.HsP50ms }
+	hs99 := func(r Result) float64 { return r.HsP99ms }
+	cpuHs := func(r Result) float64 { return r.CPUUsPerHs }
+	cpuAttrHs := func(r Result) float64 { return r.CPUAttrUsPerHs }
+	rssConn := func(r Result) float64 { return r.RSSPerConn }
+	slabConn := func(r Result) float64 { return r.SlabPerConn }
+	unrecConn := func(r Result) float64 { return r.UnrecPerConn }
+	availConn := func(r Result) float64 { return r.AvailPerConn }
+	idleN := func(r Result) float64 { return float64(r.IdleConns) }
+	errs := func(tg, test string) string {
+		if n := h.errorsOf(tg, test); n > 0 {
+			return fmt.Sprintf(" (%d errors)", n)
+		}
+		return ""
+	}
+
+	b.WriteString("### Echo: 64-byte messages, closed loop (µs)\n\n")
+	t.head("target", "1 conn msg/s", "p50", "p99", "p99.9", "100 conns msg/s", "p50", "p99", "p99.9")
+	for _, tg := range live(false) {
+		n := tg.Name
+		t.row(n+errs(n, "echo"), num(med(n, "echo", 1, msgs), 0), lat(med(n, "echo", 1, p50)), lat(med(n, "echo", 1, p99)), lat(med(n, "echo", 1, p999)),
+			num(med(n, "echo", 100, msgs), 0), lat(med(n, "echo", 100, p50)), lat(med(n, "echo", 100, p99)), lat(med(n, "echo", 100, p999)))
+	}
+	b.WriteString("\n### Bulk: 64 KiB messages client → backend, rate counted at the receiver (MB = 10⁶ bytes)\n\n")
+	t.head("target", "1 conn MB/s", "8 conns MB/s", "CPU ms/MB = s/GB, 8 conns (whole machine)", "same, attributed", "CPU ms/MB, 1 conn (whole machine)")
+	for _, tg := range live(true) {
+		n := tg.Name
+		t.row(n+errs(n, "bulk"), num(med(n, "bulk", 1, mbps), 0), num(med(n, "bulk", 8, mbps), 0),
+			num(med(n, "bulk", 8, cpuMB), 2), num(med(n, "bulk", 8, cpuAttrMB), 2), num(med(n, "bulk", 1, cpuMB), 2))
+	}
+	fmt.Fprintf(&b, "\n### Handshakes: connect, upgrade, close handshake, server FIN (%d concurrent)\n\n", p.hsConc)
+	t.head("target", "handshakes/s", "p50 ms", "p99 ms", "CPU µs/handshake (whole machine)", "same, attributed")
+	for _, tg := range live(false) {
+		n := tg.Name
+		t.row(n+errs(n, "hs"), num(med(n, "hs", 0, hsps), 0), num(med(n, "hs", 0, hs50), 2), num(med(n, "hs", 0, hs99), 2),
+			num(med(n, "hs", 0, cpuHs), 0), num(med(n, "hs", 0, cpuAttrHs), 0))
+	}
+	fmt.Fprintf(&b, "\n### Idle connections: %d held from a separate process (bytes per connection)\n\n", p.idleConns)
+	t.head("target", "connections", "proxy RSS", "kernel: SUnreclaim", "kernel: Slab", "kernel: MemAvailable drop", "SUnreclaim above direct")
+	dUnrec := med("direct", "idle", 0, unrecConn)
+	for _, tg := range live(false) {
+		n := tg.Name
+		rss := num(med(n, "idle", 0, rssConn), 0)
+		if n == "direct" {
+			rss = "n/a"
+		}
+		above := "—"
+		if n != "direct" && !math.IsNaN(dUnrec) {
+			above = num(med(n, "idle", 0, unrecConn)-dUnrec, 0)
+		}
+		t.row(n+errs(n, "idle"), num(med(n, "idle", 0, idleN), 0), rss, num(med(n, "idle", 0, unrecConn), 0), num(med(n, "idle", 0, slabConn), 0),
+			num(med(n, "idle", 0, availConn), 0), above)
+	}
+	var slowRows []*target
+	for _, tg := range live(true) {
+		if slowTargets[tg.Name] {
+			slowRows = append(slowRows, tg)
+		}
+	}
+	if len(slowRows) > 0 {
+		fmt.Fprintf(&b, "\n### Slow reader: backend reads %.0f MiB/s for %s, the sender pushes up to %d MiB as fast as it is let\n\n",
+			float64(p.slowRate)/(1<<20), p.slowDur, p.slowCap>>20)
+		t.head("target", "sender got through MiB", "reader read MiB", "acks back by the end MiB", "peak kernel memory MiB (MemAvailable drop)", "peak Slab MiB", "proxy RSS peak MiB", "memory back after close s")
+		for _, tg := range slowRows {
+			var r *Result
+			for i := range h.results {
+				if h.results[i].Target == tg.Name && h.results[i].Test == "slow" {
+					r = &h.results[i]
+				}
+			}
+			if r == nil || strings.HasPrefix(r.Note, "run failed") {
+				note := "no result"
+				if r != nil {
+					note = r.Note
+				}
+				t.row(tg.Name, note, "", "", "", "", "", "")
+				continue
+			}
+			rss := num(mib(r.PeakRSSDelta), 1)
+			if tg.Name == "direct" {
+				rss = "n/a"
+			}
+			t.row(tg.Name, num(mib(r.SentBytes), 0), num(mib(r.ReadBytes), 1), num(mib(r.AckedBytes), 1), num(mib(r.PeakAvailDelta), 0), num(mib(r.PeakSlabDelta), 0), rss, num(r.RecoverS, 1))
+		}
+	}
+
+	b.WriteString("\n### Ratios (medians; ×direct and ×nginx; for p99, CPU and memory lower is better)\n\n")
+	t.head("target", "echo-100 msg/s ×direct", "×nginx", "echo-100 p99 ×direct", "×nginx", "bulk-8 MB/s ×direct", "×nginx",
+		"bulk-8 CPU/MB ×direct", "×nginx", "handshakes/s ×direct", "×nginx", "idle RSS/conn ×nginx", "idle SUnreclaim/conn ×direct")
+	for _, tg := range live(true) {
+		n := tg.Name
+		rr := func(test string, conns int, f func(Result) float64, base string) string {
+			return ratio(med(n, test, conns, f), med(base, test, conns, f))
+		}
+		t.row(n, rr("echo", 100, msgs, "direct"), rr("echo", 100, msgs, "nginx"), rr("echo", 100, p99, "direct"), rr("echo", 100, p99, "nginx"),
+			rr("bulk", 8, mbps, "direct"), rr("bulk", 8, mbps, "nginx"), rr("bulk", 8, cpuMB, "direct"), rr("bulk", 8, cpuMB, "nginx"),
+			rr("hs", 0, hsps, "direct"), rr("hs", 0, hsps, "nginx"), rr("idle", 0, rssConn, "nginx"), rr("idle", 0, unrecConn, "direct"))
+	}
+
+	b.WriteString("\n### Targets from the issues, checked against this run\n\n")
+	t.head("check", "wsplice", "value", "compared with", "value", "result")
+	check := func(what, ws string, v float64, other string, ov float64, pass func(v, ov float64) bool, prec int) {
+		res := "no data"
+		if !math.IsNaN(v) && !math.IsNaN(ov) {
+			res = "MISSED"
+			if pass(v, ov) {
+				res = "met"
+			}
+		}
+		t.row(what, ws, num(v, prec), other, num(ov, prec), res)
+	}
+	lower := func(v, ov float64) bool { return v < ov }
+	atLeast := func(v, ov float64) bool { return v >= ov }
+	has := func(name string) bool { tg := h.find(name); return tg != nil && tg.Skip == "" }
+	for _, ws := range []string{"wsplice-sockmap", "wsplice-splice"} {
+		if !has(ws) {
+			continue
+		}
+		if has("nginx") {
+			check("idle RSS/conn ≤ 1/20 of nginx's (B)", ws, med(ws, "idle", 0, rssConn), "nginx ÷ 20", med("nginx", "idle", 0, rssConn)/20,
+				func(v, ov float64) bool { return v <= ov }, 0)
+		}
+		for _, o := range []string{"nginx", "nginx-tuned", "haproxy", "haproxy-splice"} {
+			if has(o) {
+				check("echo p99 at 100 conns below (µs)", ws, med(ws, "echo", 100, p99), o, med(o, "echo", 100, p99), lower, 1)
+			}
+		}
+		for _, o := range []string{"haproxy", "haproxy-splice"} {
+			if has(o) {
+				check("whole-machine CPU/MB below, 8 conns (ms/MB)", ws, med(ws, "bulk", 8, cpuMB), o, med(o, "bulk", 8, cpuMB), lower, 2)
+				check("whole-machine CPU/MB below, 1 conn (ms/MB)", ws, med(ws, "bulk", 1, cpuMB), o, med(o, "bulk", 1, cpuMB), lower, 2)
+			}
+		}
+		if has("nginx") {
+			check("handshakes/s ≥ nginx's", ws, med(ws, "hs", 0, hsps), "nginx", med("nginx", "hs", 0, hsps), atLeast, 0)
+		}
+	}
+	if has("wsplice-sockmap") {
+		check("agent RSS per idle conn ≤ 1 KB (B, #3)", "wsplice-sockmap", med("wsplice-sockmap", "idle", 0, rssConn), "1 KB", 1024,
+			func(v, ov float64) bool { return v <= ov }, 0)
+	}
+	b.WriteString("\n")
+	return b.String()
+}
