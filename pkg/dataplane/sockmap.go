@@ -118,6 +118,8 @@ type Sockmap struct {
 	byCookie  map[uint64]*smConn // both sockets of each conn
 	hot       map[*smConn]struct{}
 	urgent    []*smConn // to poll in this loop iteration (FIN seen)
+	scanKeys  []uint64  // scan's batch buffers
+	scanVals  []sockmapSockState
 	demoteQ   []*smConn
 	demoted   map[uint64]*smDemoted
 	cmds      []smCmd

@@ -31,6 +31,7 @@ type smConn struct {
 	startNs int64        // CLOCK_MONOTONIC ns of insertion
 	phaseAt int64        // CLOCK_MONOTONIC ns the phase began
 	stallAt int64        // first poll that found FIN's bytes unaccounted for
+	seenNs  int64        // latest program activity stamp a scan saw
 	idle    time.Duration
 	done    func(Result)
 	reason  string // demotion reason

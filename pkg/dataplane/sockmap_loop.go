@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 )
@@ -356,33 +357,54 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 
 // scan looks at every connection that is not busy: one that moved bytes
 // since it was last seen (a lost ring event) becomes busy, one idle past
-// its IdleTimeout is closed with FIN.
+// its IdleTimeout is closed with FIN. It reads the counters of all sockets
+// with batched lookups (one syscall per 1,024 sockets), so a scan of many
+// idle connections stays cheap.
 func (s *Sockmap) scan(now int64) {
-	var st sockmapSockState
-	for _, c := range s.conns {
-		if _, busy := s.hot[c]; busy {
-			continue
-		}
-		var lastNs int64 = c.startNs
-		moved := false
-		for i := range 2 {
-			if err := s.bpf.objs.Socks.Lookup(c.cookie[i], &st); err != nil {
+	if len(s.conns) == 0 {
+		return
+	}
+	if s.scanKeys == nil {
+		s.scanKeys = make([]uint64, smScanBatch)
+		s.scanVals = make([]sockmapSockState, smScanBatch)
+	}
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := s.bpf.objs.Socks.BatchLookup(&cursor, s.scanKeys, s.scanVals, nil)
+		for i := range n {
+			c := s.byCookie[s.scanKeys[i]]
+			if c == nil {
 				continue
 			}
-			lastNs = max(lastNs, int64(st.LastNs))
-			if st.Bytes != c.last[i] || st.Fails != 0 {
-				moved = true
+			st := &s.scanVals[i]
+			side := 0
+			if c.cookie[1] == s.scanKeys[i] {
+				side = 1
+			}
+			c.seenNs = max(c.seenNs, int64(st.LastNs))
+			if st.Bytes != c.last[side] || st.Fails != 0 {
+				s.makeHot(c)
 			}
 		}
-		if moved {
-			s.makeHot(c)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			s.log.Error("sockmap scan: batch lookup failed", "err", err)
+			break
+		}
+	}
+	for _, c := range s.conns {
+		if _, busy := s.hot[c]; busy || c.idle <= 0 || c.phase != smLive {
 			continue
 		}
-		if c.idle > 0 && c.phase == smLive && now-lastNs > int64(c.idle) {
+		if now-max(c.startNs, c.seenNs) > int64(c.idle) {
 			s.closeWith(c, ReasonIdle, now)
 		}
 	}
 }
+
+const smScanBatch = 1024
 
 // reset closes both sockets with RST (SO_LINGER{1,0}).
 func (s *Sockmap) reset(c *smConn, reason CloseReason, err error) {

@@ -561,3 +561,36 @@ func TestPtStream(t *testing.T) {
 		}
 	}
 }
+
+// TestSockmapRedirectFailureResets: when the program cannot redirect (the
+// peer left the target map behind the plane's back) it drops the skb and
+// counts it (fact 11: never SK_PASS); the plane then resets both sides,
+// since the stream cannot be exact any more.
+func TestSockmapRedirectFailureResets(t *testing.T) {
+	smEnv(t, SockmapOptions{}, func(s *Sockmap, e *ptEnv) {
+		p := e.pair(nil)
+		defer p.close()
+		s.mu.Lock()
+		c := s.conns[p.id]
+		backendCookie := c.cookie[1]
+		s.mu.Unlock()
+		if err := s.bpf.objs.TargetMap.Delete(backendCookie); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.client.Write([]byte("lost")); err != nil {
+			t.Fatal(err)
+		}
+		r := p.wait(t, 5*time.Second)
+		if r.Reason != ReasonError || !errors.Is(r.Err, errSockmapRedirect) {
+			t.Errorf("result %s %v, want error with errSockmapRedirect", r.Reason, r.Err)
+		}
+		p.backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := p.backend.Read(make([]byte, 4)); !errors.Is(err, unix.ECONNRESET) {
+			t.Errorf("backend read %v, want ECONNRESET", err)
+		}
+		k := s.Counters()
+		if k.RedirectFailures < 1 || k.RedirectResets != 1 {
+			t.Errorf("counters: %+v", k)
+		}
+	})
+}
