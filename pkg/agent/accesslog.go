@@ -60,7 +60,7 @@ func (al *accessLog) write(c *proxy.Conn, r dataplane.Result) {
 		"id", c.ID, "listener", c.Listener, "client", c.Client.String(), "route", c.Route,
 		"pool", c.Pool, "backend", c.Backend, "status", c.Status, "dataplane", string(r.Plane),
 		"demoted", r.Demoted, "bytes_in", r.ClientToBackend.Bytes, "bytes_out", r.BackendToClient.Bytes,
-		"duration", time.Since(c.Start).Round(time.Millisecond).String(), "handshake", c.Handshake.Round(time.Microsecond).String(),
+		"duration", time.Since(c.Start).Round(time.Microsecond).String(), "handshake", c.Handshake.Round(time.Microsecond).String(),
 		"reason", string(r.Reason))
 }
 

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,6 +42,7 @@ type Agent struct {
 	Splice  *dataplane.Splice
 	Sockmap *dataplane.Sockmap // nil when the kernel path is unavailable
 	access  *accessLog
+	ep      atomic.Pointer[endpoints] // metrics, admin socket, periodic log
 }
 
 // Run starts the agent and blocks until ctx is cancelled (first SIGTERM or
@@ -55,6 +57,7 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath, onClose: opts.OnClose}
 	if err := a.start(); err != nil {
+		a.stopEndpoints()
 		a.stopPlanes()
 		return err
 	}
@@ -92,6 +95,7 @@ wait:
 	log.Info("stopping", "drain_timeout", cfg.DrainTimeout.D(), "connections", a.Proxy.Active())
 	spread := min(cfg.DrainTimeout.D()/10, 5*time.Second)
 	a.Proxy.Shutdown(drainCtx, spread)
+	a.stopEndpoints()
 	a.stopPlanes()
 	a.access.close()
 	log.Info("stopped")
@@ -128,18 +132,24 @@ func (a *Agent) start() error {
 		return err
 	}
 	a.access = access
-	onClose := access.write
+	// connClosed writes the access-log line and feeds the metrics.
+	onClose := a.connClosed
 	if a.onClose != nil {
 		onClose = func(c *proxy.Conn, r dataplane.Result) {
-			access.write(c, r)
+			a.connClosed(c, r)
 			a.onClose(c, r)
 		}
 	}
-	srv, err := proxy.New(a.cfg, planes, proxy.Options{Logger: a.log, OnClose: onClose})
+	srv, err := proxy.New(a.cfg, planes, proxy.Options{Logger: a.log, OnClose: onClose, OnEstablish: a.connEstablished})
 	if err != nil {
 		return err
 	}
 	a.Proxy = srv
+	// The admin socket comes before the listeners: a second agent started
+	// by mistake fails on it before SO_REUSEPORT gives it any traffic.
+	if err := a.startEndpoints(); err != nil {
+		return err
+	}
 	return srv.Start()
 }
 

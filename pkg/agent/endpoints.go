@@ -44,18 +44,7 @@ type endpoints struct {
 	wg   sync.WaitGroup
 }
 
-// epByAgent maps an Agent to its endpoints.
-//
-// TODO(lead): replace with a field `ep *endpoints` in Agent; this map only
-// exists because agent.go is not this file's to edit.
-var epByAgent sync.Map // *Agent → *endpoints
-
-func (a *Agent) endpoints() *endpoints {
-	if v, ok := epByAgent.Load(a); ok {
-		return v.(*endpoints)
-	}
-	return nil
-}
+func (a *Agent) endpoints() *endpoints { return a.ep.Load() }
 
 // reasonOpen is the "reason" of the periodic access-log line of a
 // connection that is still open (log.access_interval).
@@ -114,7 +103,7 @@ func (a *Agent) startEndpoints() (err error) {
 		ep.wg.Add(1)
 		go a.accessLoop(ep, iv)
 	}
-	epByAgent.Store(a, ep)
+	a.ep.Store(ep)
 	return nil
 }
 
@@ -126,7 +115,7 @@ func (a *Agent) stopEndpoints() {
 	if ep == nil {
 		return
 	}
-	epByAgent.Delete(a)
+	a.ep.Store(nil)
 	ep.close()
 }
 
@@ -219,7 +208,7 @@ func (a *Agent) connEstablished(c *proxy.Conn) {
 // TODO(lead): proxy.Conn has no such field yet; return it here once it
 // does (e.g. `return c.Connect`). Until then the connect histogram stays
 // empty.
-func connectTime(c *proxy.Conn) time.Duration { return 0 }
+func connectTime(c *proxy.Conn) time.Duration { return c.Connect }
 
 // accessLoop writes an access-log line, with reason "open" and the counters
 // so far, for every connection older than iv, every iv.

@@ -174,7 +174,8 @@ type Sockmap struct {
 
 // Admin is the control API on a Unix socket.
 type Admin struct {
-	// Socket is the Unix socket path; empty disables the admin API.
+	// Socket is the Unix socket path (default /run/wsplice/admin.sock);
+	// "none" disables the admin API.
 	Socket string `yaml:"socket"`
 }
 

@@ -123,6 +123,14 @@ func (c *Config) SetDefaults() {
 	if s.RcvBuf == 0 {
 		s.RcvBuf = DefaultRcvBuf
 	}
+	// The admin socket is on by default so the CLI finds the agent; "none"
+	// turns it off (tests and the demo, which run several agents).
+	switch c.Admin.Socket {
+	case "":
+		c.Admin.Socket = DefaultAdminSocket
+	case "none":
+		c.Admin.Socket = ""
+	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
 	}

@@ -9,6 +9,9 @@ type Quick struct {
 	Dataplane string
 	Balance   string
 	HashKey   string
+	// TLSCert and TLSKey terminate TLS on every listener with one PEM
+	// certificate chain and key (--tls-cert, --tls-key).
+	TLSCert, TLSKey string
 }
 
 // FromQuick builds, defaults and validates a Config from flags.
@@ -23,8 +26,15 @@ func FromQuick(q Quick) (*Config, error) {
 		pool.Backends = append(pool.Backends, be)
 	}
 	cfg.Pools = []Pool{pool}
+	if (q.TLSCert == "") != (q.TLSKey == "") {
+		return nil, &FieldError{Field: "--tls-cert/--tls-key", Msg: "give both: the PEM certificate chain and its private key"}
+	}
 	for _, addr := range q.Listen {
-		cfg.Listeners = append(cfg.Listeners, Listener{Address: addr, Mode: q.Mode, Pool: "default"})
+		l := Listener{Address: addr, Mode: q.Mode, Pool: "default"}
+		if q.TLSCert != "" {
+			l.TLS = &TLS{Certificates: []Certificate{{Cert: q.TLSCert, Key: q.TLSKey}}}
+		}
+		cfg.Listeners = append(cfg.Listeners, l)
 	}
 	cfg.SetDefaults()
 	if err := cfg.Validate(); err != nil {

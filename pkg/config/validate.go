@@ -11,7 +11,7 @@ import (
 
 // Choices for the enumerated fields; Validate names them in its errors.
 var (
-	Modes         = []string{"websocket", "tcp"}
+	Modes         = []string{"websocket", "tcp", "tls_passthrough"}
 	Dataplanes    = []string{"auto", "sockmap", "splice"}
 	Algorithms    = []string{"round_robin", "least_conn", "maglev", "random_two", "first"}
 	Fallbacks     = []string{"round_robin", "least_conn", "random_two", "first"}

@@ -90,6 +90,7 @@ func Config(backends []string, dataplane string) *config.Config {
 	cfg := &config.Config{
 		Dataplane: dataplane,
 		Tune:      config.Tune{Mode: "off"}, // the demo reports traffic, not host settings
+		Admin:     config.Admin{Socket: "none"},
 		Listeners: []config.Listener{{Name: "ws", Address: "127.0.0.1:0", Routes: []config.Route{{Path: "/chat/", Pool: "chat"}}}},
 		Pools:     []config.Pool{{Name: "chat", Balance: "maglev", HashKey: "header:X-User-Id"}},
 	}

@@ -63,7 +63,7 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 	}
 	conn.Pool = p.Name()
 
-	be, b, err := s.connect(p, key)
+	be, b, connectTime, err := s.connect(p, key)
 	if err != nil {
 		reason := RefuseBackendFailed
 		if errors.Is(err, balance.ErrNoBackend) {
@@ -74,6 +74,7 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 	}
 	conn.backend = b
 	conn.Backend = b.Address()
+	conn.Connect = connectTime
 	conn.Local = tcpAddr(c.LocalAddr())
 	conn.BackendTo = tcpAddr(be.RemoteAddr())
 	conn.BackendFrom = tcpAddr(be.LocalAddr())
@@ -117,6 +118,9 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 	}
 	ok = true
 	handedOff = true
+	if s.onEstab != nil {
+		s.onEstab(conn)
+	}
 }
 
 // readRequest reads, parses and routes the client's request head. It
@@ -185,7 +189,7 @@ func (s *Server) readRequest(l *listener, st *state, c *net.TCPConn, client neti
 
 // connect picks a backend and dials it, trying the next one on failure
 // (nginx proxy_next_upstream error timeout) up to the pool's max_tries.
-func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backend, error) {
+func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backend, time.Duration, error) {
 	var tried []*balance.Backend
 	skip := func(b *balance.Backend) bool {
 		for _, t := range tried {
@@ -200,13 +204,14 @@ func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backe
 		b, err := p.Pick(key, skip)
 		if err != nil {
 			if lastErr != nil {
-				return nil, nil, lastErr
+				return nil, nil, 0, lastErr
 			}
-			return nil, nil, err
+			return nil, nil, 0, err
 		}
 		tried = append(tried, b)
 		d := net.Dialer{Timeout: p.cfg.ConnectTimeout.D()}
 		d.SetMultipathTCP(false)
+		t0 := time.Now()
 		nc, err := d.DialContext(context.Background(), "tcp", b.Address())
 		if err != nil {
 			b.Release()
@@ -215,9 +220,9 @@ func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backe
 			lastErr = err
 			continue
 		}
-		return nc.(*net.TCPConn), b, nil
+		return nc.(*net.TCPConn), b, time.Since(t0), nil
 	}
-	return nil, nil, lastErr
+	return nil, nil, 0, lastErr
 }
 
 // sendHead writes the PROXY header (if the pool asks for one) and the

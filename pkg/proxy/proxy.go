@@ -32,6 +32,9 @@ type Options struct {
 	// OnClose, when set, is called once per established connection after it
 	// closed (the access log).
 	OnClose func(c *Conn, r dataplane.Result)
+	// OnEstablish, when set, is called once per connection after a data
+	// plane took it (metrics histograms).
+	OnEstablish func(c *Conn)
 }
 
 // Server is the running proxy: listeners, pools and the connection table.
@@ -39,6 +42,7 @@ type Server struct {
 	log     *slog.Logger
 	planes  Planes
 	onClose func(*Conn, dataplane.Result)
+	onEstab func(*Conn)
 
 	state atomic.Pointer[state]
 	table *table
@@ -86,7 +90,7 @@ func New(cfg *config.Config, planes Planes, opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{log: log, planes: planes, onClose: opts.OnClose, table: newTable(), listeners: map[string]*socket{}}
+	s := &Server{log: log, planes: planes, onClose: opts.OnClose, onEstab: opts.OnEstablish, table: newTable(), listeners: map[string]*socket{}}
 	st, err := s.compile(cfg, nil)
 	if err != nil {
 		return nil, err

@@ -28,6 +28,7 @@ type Conn struct {
 	Upgrade     bool          // the client asked for a WebSocket upgrade
 	Status      int           // backend's response status (101 for an upgrade, 0 in tcp mode)
 	Handshake   time.Duration // accept → handed to the data plane
+	Connect     time.Duration // TCP connect time of the successful backend try
 	Plane       dataplane.Plane
 	backend     *balance.Backend
 	clientKey   netip.Addr // per-IP limit bucket

@@ -84,6 +84,7 @@ func simpleConfig(plane string, backends ...string) *config.Config {
 	cfg := &config.Config{
 		Dataplane:    plane,
 		Tune:         config.Tune{Mode: "off"},
+		Admin:        config.Admin{Socket: "none"},
 		DrainTimeout: config.Duration(2 * time.Second),
 		Listeners:    []config.Listener{{Name: "ws", Address: "127.0.0.1:0", Routes: []config.Route{{Path: "/ws/", Pool: "p"}}}},
 		Pools:        []config.Pool{{Name: "p", ConnectTimeout: config.Duration(time.Second)}},

@@ -26,7 +26,7 @@ func TestReload(t *testing.T) {
 		path := filepath.Join(dir, "wsplice.yaml")
 		write := func(listeners string, backends ...string) {
 			var b strings.Builder
-			fmt.Fprintf(&b, "dataplane: %s\ntune: {mode: \"off\"}\nlisteners:\n%s", plane, listeners)
+			fmt.Fprintf(&b, "dataplane: %s\ntune: {mode: \"off\"}\nadmin: {socket: none}\nlisteners:\n%s", plane, listeners)
 			b.WriteString("pools:\n  - name: p\n    backends:\n")
 			for _, a := range backends {
 				fmt.Fprintf(&b, "      - address: %q\n", a)
