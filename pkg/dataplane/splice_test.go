@@ -492,9 +492,10 @@ func TestSpliceKill(t *testing.T) {
 func TestSpliceCloseWithLiveConns(t *testing.T) {
 	r := spNewRig(t, SpliceOptions{})
 	var pairs []*spPair
-	for i := range 20 {
-		p := r.spPair(0)
-		pairs = append(pairs, p)
+	for range 20 {
+		pairs = append(pairs, r.spPair(0))
+	}
+	for i, p := range pairs {
 		if i%4 == 0 {
 			// Bulk in flight both ways when Close comes.
 			go io.Copy(io.Discard, p.backend)
@@ -504,9 +505,11 @@ func TestSpliceCloseWithLiveConns(t *testing.T) {
 		}
 	}
 	time.Sleep(50 * time.Millisecond)
+	closeStart := time.Now()
 	if err := r.plane.Close(); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("Close with %d live connections took %v", len(pairs), time.Since(closeStart))
 	for _, p := range pairs {
 		select {
 		case res := <-p.done:
