@@ -444,8 +444,10 @@ func TestSpliceIdleTimeout(t *testing.T) {
 	if res.Reason != ReasonIdle {
 		t.Errorf("reason %q, want %q", res.Reason, ReasonIdle)
 	}
-	if el := time.Since(start); el > 2*idle+200*time.Millisecond {
-		t.Errorf("idle close took %v", el)
+	// Not early (the last byte moved just before start), and not much
+	// later than the timeout (loose: the test machine is shared).
+	if el := time.Since(start); el < idle*3/4 || el > idle+1500*time.Millisecond {
+		t.Errorf("idle close after %v, timeout %v", el, idle)
 	}
 	// FIN, not RST, on both sides.
 	for name, c := range map[string]*net.TCPConn{"client": p.client, "backend": p.backend} {
