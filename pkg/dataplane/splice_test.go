@@ -426,13 +426,13 @@ func spEchoErr(a, b *net.TCPConn, n int) error {
 }
 
 func TestSpliceIdleTimeout(t *testing.T) {
-	const idle = 300 * time.Millisecond
+	const idle = 400 * time.Millisecond
 	r := spNewRig(t, SpliceOptions{})
 	p := r.spPair(idle)
-	// Activity every 100 ms keeps it open well past the timeout.
-	for range 8 {
+	// Activity every 50 ms keeps it open well past the timeout.
+	for range 16 {
+		time.Sleep(50 * time.Millisecond)
 		spEcho(t, p.client, p.backend, 10)
-		time.Sleep(100 * time.Millisecond)
 	}
 	select {
 	case res := <-p.done:
