@@ -102,14 +102,14 @@ func TestDNSDiscovery(t *testing.T) {
 	// A record set changes: .3 leaves, .4 arrives.
 	dns.setIPs("svc.test.", "127.0.0.2", "127.0.0.4", "::1")
 	want = []string{"10.9.9.9:7000", "127.0.0.2:8080", "127.0.0.4:8080", "[::1]:8080", "127.0.1.1:9001", "127.0.1.2:9002", "127.0.1.9:9003"}
-	waitAddrs(t, p, 5*every+slack, want...)
+	waitAddrs(t, p, patience, want...)
 
 	// SRV: pod2 goes, pod3 comes, pod1 moves port.
 	dns.setSRV("_ws._tcp.chat.test.",
 		net.SRV{Target: "pod1.chat.test.", Port: 9101},
 		net.SRV{Target: "pod3.chat.test.", Port: 9003})
 	want = []string{"10.9.9.9:7000", "127.0.0.2:8080", "127.0.0.4:8080", "[::1]:8080", "127.0.1.1:9101", "127.0.1.3:9003"}
-	waitAddrs(t, p, 5*every+slack, want...)
+	waitAddrs(t, p, patience, want...)
 	if backendOf(p, "127.0.0.2:8080") != keep {
 		t.Error("a backend that stayed was replaced: it lost its state")
 	}
@@ -134,7 +134,7 @@ func TestDNSDiscovery(t *testing.T) {
 	waitAddrs(t, p, 0, want...)
 	dns.setIPs("svc.test.", "127.0.0.2")
 	want = []string{"10.9.9.9:7000", "127.0.0.2:8080", "127.0.1.1:9101", "127.0.1.3:9003"}
-	waitAddrs(t, p, 5*every+slack, want...)
+	waitAddrs(t, p, patience, want...)
 	if backendOf(p, "127.0.0.2:8080") != keep {
 		t.Error("a backend that stayed was replaced")
 	}
@@ -181,7 +181,7 @@ func TestDNSNeverResolved(t *testing.T) {
 	dns.setIPs("pod.late.test.", "127.0.0.6")
 	dns.setSRV("_ws._tcp.late.test.", net.SRV{Target: "pod.late.test.", Port: 9000})
 	dns.fail.Store(false)
-	waitAddrs(t, p, 200*time.Millisecond, "10.9.9.9:7000", "127.0.0.5:8080", "127.0.0.6:9000")
+	waitAddrs(t, p, patience, "10.9.9.9:7000", "127.0.0.5:8080", "127.0.0.6:9000")
 	if k := c.Counters(); k.ResolveErrors < 2 || k.UpdateErrors != 0 {
 		t.Errorf("counters %+v", k)
 	}
@@ -193,7 +193,7 @@ func TestDNSAddedSlowStart(t *testing.T) {
 	dns := startDNS(t)
 	dns.setIPs("svc.test.", "127.0.0.2")
 	pc := poolCfg("none", "svc.test.:8080")
-	pc.Health.SlowStart = config.Duration(time.Second)
+	pc.Health.SlowStart = config.Duration(time.Minute)
 	p := newPool(t, pc)
 	startChecker(t, p, pc, Options{Resolver: NewResolver(dns.addr), DNSInterval: 20 * time.Millisecond})
 	waitAddrs(t, p, 0, "127.0.0.2:8080")
@@ -201,7 +201,7 @@ func TestDNSAddedSlowStart(t *testing.T) {
 		t.Errorf("initial backend weight %d, want full %d", w, SlowStartScale)
 	}
 	dns.setIPs("svc.test.", "127.0.0.2", "127.0.0.3")
-	waitAddrs(t, p, 200*time.Millisecond, "127.0.0.2:8080", "127.0.0.3:8080")
+	waitAddrs(t, p, patience, "127.0.0.2:8080", "127.0.0.3:8080")
 	if w := backendOf(p, "127.0.0.3:8080").Weight(); w >= SlowStartScale/2 {
 		t.Errorf("new backend weight %d: no slow start", w)
 	}

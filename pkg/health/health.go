@@ -89,7 +89,8 @@ type Options struct {
 	// hold-downs, slow starts in progress and last good DNS answers.
 	Previous *Checker
 	// OnEvent, when set, is called after each event is recorded, outside
-	// the Checker's lock.
+	// the Checker's lock (it may call the Checker), possibly from several
+	// goroutines at once.
 	OnEvent func(Event)
 }
 
@@ -194,6 +195,10 @@ type Checker struct {
 	failing atomic.Int64
 
 	kick chan struct{} // a slow start began
+
+	// onCheck, when set (tests only, before Start), sees every active
+	// check's start and result.
+	onCheck func(addr string, start time.Time, err error)
 
 	mu          sync.Mutex
 	phase       int // 0 new, 1 started, 2 stopped
@@ -342,8 +347,12 @@ func (c *Checker) Start(ctx context.Context) {
 		c.adopt(p)
 	}
 	c.refresh(true)
-	c.wg.Add(1)
-	go c.loop()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.phase == 1 { // not stopped meanwhile
+		c.wg.Add(1)
+		go c.loop()
+	}
 }
 
 // Stop ends every check, timer and ramp and waits for them. A slow start
@@ -702,10 +711,17 @@ func jitter(d time.Duration, j, u float64) time.Duration {
 	return time.Duration(float64(d) * (1 + j*(2*u-1)))
 }
 
+// firstDelay is when a backend's first check runs, given u uniform in
+// [0, 1): anywhere in the first interval, so the checks of backends that
+// appear together (at start, or from one DNS answer) spread out.
+func firstDelay(interval time.Duration, u float64) time.Duration {
+	return time.Duration(u * float64(interval))
+}
+
 // run is one backend's check loop.
 func (c *Checker) run(ctx context.Context, m *member) {
 	defer c.wg.Done()
-	t := time.NewTimer(time.Duration(rand.Float64() * float64(c.interval)))
+	t := time.NewTimer(firstDelay(c.interval, rand.Float64()))
 	defer t.Stop()
 	for {
 		select {
@@ -720,6 +736,9 @@ func (c *Checker) run(ctx context.Context, m *member) {
 		}
 		dur := time.Since(start)
 		c.observe(m, err, start, dur)
+		if c.onCheck != nil {
+			c.onCheck(m.addr, start, err)
+		}
 		// The next check is due an interval after this one started, so a
 		// slow check does not stretch the fall time.
 		t.Reset(max(0, jitter(c.interval, c.opt.Jitter, rand.Float64())-dur))
