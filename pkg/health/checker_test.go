@@ -433,3 +433,47 @@ func TestJitter(t *testing.T) {
 		t.Errorf("gaps look unjittered: %v", gaps)
 	}
 }
+
+// TestOperatorWeight: an operator's weight is scaled like the configured
+// ones on a slow-start pool, is what a ramp climbs to, and survives a
+// handover.
+func TestOperatorWeight(t *testing.T) {
+	a, b := newBackend(t), newBackend(t)
+	pc := poolCfg("tcp", a.addr, b.addr)
+	pc.Health.SlowStart = config.Duration(200 * time.Millisecond)
+	p := newPool(t, pc)
+	c, ev := startChecker(t, p, pc, Options{})
+	waitActive(t, c, patience)
+	if err := c.SetWeight(a.addr, 3); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetWeight("127.0.0.1:1", 3); err == nil {
+		t.Error("weight set on a backend the pool does not have")
+	}
+	if err := c.SetWeight(a.addr, 1001); err == nil {
+		t.Error("weight out of range accepted")
+	}
+	ba := backendOf(p, a.addr)
+	if w := ba.Weight(); w != 3*SlowStartScale {
+		t.Fatalf("weight %d, want 3 × %d", w, SlowStartScale)
+	}
+	if got := picks(t, p, 400); got[a.addr] != 300 {
+		t.Errorf("picks %v, want 3:1", got)
+	}
+
+	steady := len(ev.snapshot())
+	a.kill()
+	_, next := ev.wait(t, steady, a.addr, ChangeDown, patience)
+	a.restart()
+	ev.wait(t, next, a.addr, ChangeUp, patience)
+	for deadline := time.Now().Add(patience); ba.Weight() != 3*SlowStartScale; time.Sleep(3 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("ramp ended at %d, want the operator's %d", ba.Weight(), 3*SlowStartScale)
+		}
+	}
+
+	nc, _ := startChecker(t, p, pc, Options{Previous: c})
+	if s := nc.Status()[0]; s.FullWeight != 3*SlowStartScale || s.Weight != 3*SlowStartScale {
+		t.Errorf("after handover: weight %d of %d, want the operator's %d", s.Weight, s.FullWeight, 3*SlowStartScale)
+	}
+}

@@ -210,6 +210,7 @@ type Checker struct {
 	dnsErr      map[string]string     // configured address → failing error
 	source      map[string]string     // backend address → configured address
 	full        map[string]int        // backend address → spec weight installed
+	override    map[string]int        // backend address → operator's weight (scaled)
 	installed   []balance.BackendSpec
 	initialized bool    // the first reconcile of this lineage is done
 	out         []Event // recorded under mu, emitted after unlock
@@ -251,6 +252,7 @@ func NewChecker(pool *balance.Pool, cfg config.Pool, opt Options) (*Checker, err
 		dnsErr:   map[string]string{},
 		source:   map[string]string{},
 		full:     map[string]int{},
+		override: map[string]int{},
 		scale:    1,
 	}
 	if pool == nil {
@@ -417,6 +419,10 @@ func (c *Checker) adopt(p *Checker) {
 	for k, v := range p.dnsErr {
 		c.dnsErr[k] = v
 	}
+	for k, v := range p.override {
+		// Re-scaled in case slow start was turned on or off.
+		c.override[k] = v / p.scale * c.scale
+	}
 	for addr, pm := range p.members {
 		m := *pm
 		m.cancel, m.pTimer = nil, nil
@@ -510,6 +516,33 @@ func (c *Checker) Specs() []balance.BackendSpec {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return slices.Clone(c.installed)
+}
+
+// SetWeight sets the weight of the backend at addr as an operator would,
+// on the config's scale (1 to 1000; 0 takes it out of new selections).
+// On a pool with slow start it is multiplied by SlowStartScale like the
+// configured weights, so shares mean the same; during a slow start it is
+// the weight the ramp climbs to. It lasts until the address leaves the
+// pool, across DNS refreshes and reloads (a new Checker with Previous
+// keeps it). The admin API's weight command should come here rather than
+// to Backend.SetWeight, which a ramp would overwrite.
+func (c *Checker) SetWeight(addr string, w int) error {
+	if w < 0 || w > 1000 {
+		return fmt.Errorf("health: weight %d: use 0 to 1000", w)
+	}
+	c.mu.Lock()
+	defer c.unlock()
+	m := c.members[addr]
+	if m == nil {
+		return fmt.Errorf("health: pool %s has no backend %s", c.name, addr)
+	}
+	c.override[addr] = w * c.scale
+	if m.rampStart.IsZero() {
+		m.b.SetWeight(w * c.scale)
+	} else {
+		m.b.SetWeight(rampWeight(w*c.scale, time.Since(m.rampStart), c.cfg.SlowStart.D()))
+	}
+	return nil
 }
 
 // ReportConnectFailure is the passive check: the proxy calls it when a
@@ -934,6 +967,7 @@ func (c *Checker) reconcileLocked(added map[string]bool) {
 			c.failing.Add(-1)
 		}
 		delete(c.members, addr)
+		delete(c.override, addr)
 		k.removed.Add(1)
 		why := "config"
 		if c.hasDNS {
@@ -944,8 +978,11 @@ func (c *Checker) reconcileLocked(added map[string]bool) {
 	c.initialized = true
 }
 
-// fullOf is m's full (spec) weight.
+// fullOf is m's full weight: the operator's, else the spec's.
 func (c *Checker) fullOf(m *member) int {
+	if w, ok := c.override[m.addr]; ok {
+		return w
+	}
 	if w, ok := c.full[m.addr]; ok {
 		return w
 	}

@@ -157,6 +157,16 @@ func (s *Set) ReportResult(pool string, b *balance.Backend, err error) {
 	}
 }
 
+// SetWeight is Checker.SetWeight on the named pool: the admin API's
+// weight command.
+func (s *Set) SetWeight(pool, addr string, w int) error {
+	c := s.Checker(pool)
+	if c == nil {
+		return fmt.Errorf("health: no pool %s", pool)
+	}
+	return c.SetWeight(addr, w)
+}
+
 // Status returns every pool's backends (see Checker.Status).
 func (s *Set) Status() map[string][]BackendStatus {
 	out := map[string][]BackendStatus{}
