@@ -22,6 +22,25 @@ type fakeHandler struct {
 	backends []Backend
 	conns    []Conn
 	killed   []uint64
+	reloads  int
+	lameDuck bool
+}
+
+func (f *fakeHandler) Reload(context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.reloads++
+	if f.reloads > 1 {
+		return Invalidf("listeners[0].address: bad")
+	}
+	return nil
+}
+
+func (f *fakeHandler) LameDuck(_ context.Context, on bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.lameDuck = on
+	return nil
 }
 
 func (f *fakeHandler) Status(context.Context) (Status, error) {
@@ -441,5 +460,25 @@ func TestBytesAndAge(t *testing.T) {
 		if got := Age(d); got != want {
 			t.Errorf("Age(%v) = %q, want %q", d, got, want)
 		}
+	}
+}
+
+// TestReloadAndLameDuck: the reload and agent-wide drain verbs reach the
+// handler and carry its error back.
+func TestReloadAndLameDuck(t *testing.T) {
+	h := &fakeHandler{}
+	_, c := serve(t, h)
+	ctx := context.Background()
+	if err := c.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Reload(ctx); err == nil || !strings.Contains(err.Error(), "listeners[0].address") {
+		t.Fatalf("second reload: %v, want the handler's error", err)
+	}
+	if err := c.LameDuck(ctx, true); err != nil || !h.lameDuck {
+		t.Fatalf("lameduck: %v %v", err, h.lameDuck)
+	}
+	if err := c.LameDuck(ctx, false); err != nil || h.lameDuck {
+		t.Fatalf("unlameduck: %v %v", err, h.lameDuck)
 	}
 }

@@ -73,6 +73,13 @@ type Handler interface {
 	SetWeight(ctx context.Context, spec string, weight int) ([]Backend, error)
 	// Kill closes connection id with an RST to both sides.
 	Kill(ctx context.Context, id uint64) error
+	// Reload re-reads and applies the agent's configuration file; an
+	// invalid file changes nothing and the error says why.
+	Reload(ctx context.Context) error
+	// LameDuck marks the whole agent as draining (on) or not: readiness
+	// turns false so load balancers and Kubernetes stop sending new
+	// clients, while listeners keep accepting until the agent is stopped.
+	LameDuck(ctx context.Context, on bool) error
 }
 
 // MaxWeight is the largest weight SetWeight accepts (the config's range).

@@ -18,7 +18,7 @@ import (
 // cannot be reached and ErrInvalid for bad arguments, so main can choose an
 // exit code.
 func Commands() []func() *cobra.Command {
-	return []func() *cobra.Command{statusCmd, connsCmd, backendsCmd, drainCmd(true), drainCmd(false), weightCmd, killCmd}
+	return []func() *cobra.Command{statusCmd, connsCmd, backendsCmd, drainCmd(true), drainCmd(false), weightCmd, killCmd, reloadCmd}
 }
 
 // cliEnv is what every command reads from the root's flags.
@@ -144,21 +144,44 @@ func drainCmd(on bool) func() *cobra.Command {
 	return func() *cobra.Command {
 		var wait time.Duration
 		cmd := &cobra.Command{
-			Use:   "undrain BACKEND",
-			Short: "Let a drained backend take new connections again",
-			Args:  cobra.ExactArgs(1),
+			Use:   "undrain BACKEND | --all",
+			Short: "Let a drained backend take new connections again (--all: end the agent-wide drain)",
+		}
+		var all bool
+		cmd.Flags().BoolVar(&all, "all", false, "the whole agent instead of one backend")
+		cmd.Args = func(cmd *cobra.Command, args []string) error {
+			if all && len(args) > 0 || !all && len(args) != 1 {
+				return Invalidf("name one BACKEND, or use --all")
+			}
+			return nil
 		}
 		if on {
-			cmd.Use = "drain BACKEND"
+			cmd.Use = "drain BACKEND | --all"
 			cmd.Short = "Stop sending new connections to a backend; its established connections stay"
 			cmd.Long = `Stop sending new connections to a backend. Established connections stay
 until they close (or are killed). BACKEND is host:port, host (every port), or
 pool/host:port; without a pool it drains the backend in every pool.
 
-  wsplice drain 10.0.0.1:8080 --wait 10m   # return once its connections are gone`
+  wsplice drain 10.0.0.1:8080 --wait 10m   # return once its connections are gone
+
+With --all the whole agent goes lame duck: /readyz answers 503 so load
+balancers and Kubernetes stop sending new clients, listeners keep accepting
+meanwhile, and established connections stay. Stop the agent (SIGTERM) to
+close the listeners and drain (a Kubernetes preStop hook does this).`
 			cmd.Flags().DurationVar(&wait, "wait", 0, "wait until the backend has no active connections, at most this long")
 		}
 		cmd.RunE = run(func(ctx context.Context, e *cliEnv, args []string) error {
+			if all {
+				if err := e.client.LameDuck(ctx, on); err != nil {
+					return err
+				}
+				state := "draining: readiness is false, established connections stay"
+				if !on {
+					state = "ready: taking new connections"
+				}
+				fmt.Fprintln(e.out, "agent", state)
+				return nil
+			}
 			bs, err := e.client.Drain(ctx, args[0], on)
 			if err != nil {
 				return err
@@ -201,6 +224,21 @@ func waitDrained(ctx context.Context, c *Client, spec string, limit time.Duratio
 			return nil, fmt.Errorf("%s still has %d active connections after %s (it stays drained; use wsplice kill to close them)", spec, active, limit)
 		case <-t.C:
 		}
+	}
+}
+
+func reloadCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "reload",
+		Short: "Re-read the agent's configuration file and apply it without dropping connections",
+		Args:  cobra.NoArgs,
+		RunE: run(func(ctx context.Context, e *cliEnv, _ []string) error {
+			if err := e.client.Reload(ctx); err != nil {
+				return err
+			}
+			fmt.Fprintln(e.out, "configuration reloaded")
+			return nil
+		}),
 	}
 }
 

@@ -115,6 +115,20 @@ func (c *Client) Kill(ctx context.Context, id uint64) error {
 	return c.do(ctx, http.MethodPost, "/conns/"+strconv.FormatUint(id, 10)+"/kill", struct{}{}, nil)
 }
 
+// Reload asks the agent to re-read its configuration file.
+func (c *Client) Reload(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, "/reload", struct{}{}, nil)
+}
+
+// LameDuck turns the agent-wide drain on or off (see Handler.LameDuck).
+func (c *Client) LameDuck(ctx context.Context, on bool) error {
+	path := "/unlameduck"
+	if on {
+		path = "/lameduck"
+	}
+	return c.do(ctx, http.MethodPost, path, struct{}{}, nil)
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {

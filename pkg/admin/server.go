@@ -308,6 +308,22 @@ func routes(h Handler, log *slog.Logger) http.Handler {
 			reply(w, bs, err)
 		})
 	}
+	mux.HandleFunc("POST "+p+"/reload", func(w http.ResponseWriter, r *http.Request) {
+		err := h.Reload(r.Context())
+		if err == nil {
+			log.Info("admin: configuration reloaded", peerAttrs(r.Context())...)
+		}
+		reply(w, struct{}{}, err)
+	})
+	for _, verb := range []string{"lameduck", "unlameduck"} {
+		mux.HandleFunc("POST "+p+"/"+verb, func(w http.ResponseWriter, r *http.Request) {
+			err := h.LameDuck(r.Context(), verb == "lameduck")
+			if err == nil {
+				log.Info("admin: "+verb, peerAttrs(r.Context())...)
+			}
+			reply(w, struct{}{}, err)
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorBody{Error: fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path)})
 	})

@@ -656,3 +656,15 @@ func (h adminHandler) Kill(_ context.Context, id uint64) error {
 	}
 	return nil
 }
+
+func (h adminHandler) Reload(context.Context) error {
+	if err := h.a.Reload(); err != nil {
+		return admin.Invalidf("%v", err)
+	}
+	return nil
+}
+
+func (h adminHandler) LameDuck(_ context.Context, on bool) error {
+	h.a.Proxy.SetLameDuck(on)
+	return nil
+}

@@ -55,6 +55,7 @@ type Server struct {
 	mu        sync.Mutex         // serialises Start, Reload and Shutdown
 	listeners map[string]*socket // by address
 	draining  atomic.Bool
+	lameDuck  atomic.Bool
 	wg        sync.WaitGroup // accept loops and handshakes in progress
 }
 
@@ -353,8 +354,14 @@ func (s *Server) Pools() map[string]*balance.Pool {
 // Config returns the running configuration.
 func (s *Server) Config() *config.Config { return s.state.Load().cfg }
 
-// Draining reports whether Shutdown has begun (readiness is false).
-func (s *Server) Draining() bool { return s.draining.Load() }
+// Draining reports whether readiness is false: Shutdown has begun or the
+// agent was put in lame duck.
+func (s *Server) Draining() bool { return s.draining.Load() || s.lameDuck.Load() }
+
+// SetLameDuck turns readiness false (on) or back while the listeners keep
+// accepting: the step before a stop, so load balancers move new clients
+// elsewhere before any port refuses them.
+func (s *Server) SetLameDuck(on bool) { s.lameDuck.Store(on) }
 
 // Shutdown stops accepting, waits for established connections to finish
 // until ctx is done, then closes the rest gradually (spread over up to
