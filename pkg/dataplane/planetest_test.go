@@ -10,7 +10,6 @@ package dataplane
 import (
 	"bufio"
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -269,11 +268,23 @@ func (p *ptPair) wait(tb testing.TB, d time.Duration) Result {
 }
 
 // ptStream is a numbered stream: byte i of stream seed is a fixed function
-// of (seed, i). Reading checks every byte at its offset.
+// of (seed, i), so a reader checks every byte at its offset. The bytes come
+// from a pseudo-random pattern of a prime-ish length (1 MiB + 7), entered at
+// an offset that depends on the seed: a lost, repeated or reordered skb
+// (at most 64 KiB) shifts the stream by less than the pattern and shows.
+// Filling is a memmove, so checking stays fast under the race detector.
 type ptStream struct {
 	seed uint64
 	off  uint64
 }
+
+var ptPattern = func() []byte {
+	b := make([]byte, 1<<20+7)
+	for i := range b {
+		b[i] = byte(ptWord(0x5eed, uint64(i)/8) >> (8 * (i % 8)))
+	}
+	return b
+}()
 
 func ptWord(seed, i uint64) uint64 {
 	z := seed + i*0x9e3779b97f4a7c15
@@ -284,19 +295,12 @@ func ptWord(seed, i uint64) uint64 {
 
 // fill writes the stream's next len(b) bytes into b.
 func (s *ptStream) fill(b []byte) {
-	p, i := s.off, 0
-	for i < len(b) && p%8 != 0 {
-		b[i] = byte(ptWord(s.seed, p/8) >> (8 * (p % 8)))
-		i++
-		p++
+	p := uint64(len(ptPattern))
+	for len(b) > 0 {
+		n := copy(b, ptPattern[(s.seed*7919+s.off)%p:])
+		b = b[n:]
+		s.off += uint64(n)
 	}
-	for ; len(b)-i >= 8; i, p = i+8, p+8 {
-		binary.LittleEndian.PutUint64(b[i:], ptWord(s.seed, p/8))
-	}
-	for ; i < len(b); i, p = i+1, p+1 {
-		b[i] = byte(ptWord(s.seed, p/8) >> (8 * (p % 8)))
-	}
-	s.off += uint64(len(b))
 }
 
 // ptWriteStream writes n bytes of stream seed to w in chunks of random

@@ -257,26 +257,25 @@ func (s *Sockmap) register(sc *smConn, c *Conn) {
 		s.scanEvery = max(sc.idle/4, 10*time.Millisecond)
 		rescan = true
 	}
-	s.mu.Unlock()
-	if rescan {
-		s.ep.poke() // the loop may be asleep until the old scan time
-	}
 	// Fact 4: EPOLLRDHUP|EPOLLET only; EPOLLIN would wake the agent for
-	// every segment. ERR and HUP are always reported. A FIN that arrived
-	// before this ADD is reported by it.
+	// every segment. ERR and HUP are always reported, and a FIN that
+	// arrived before this ADD is reported by it. Added under mu, after the
+	// connection is published: the loop can neither miss the event's
+	// connection nor close its fds before they are registered.
 	var eerr error
 	for i := range 2 {
 		if err := s.ep.add(sc.fd[i], unix.EPOLLRDHUP|unix.EPOLLET, sc.cookie[i]); err != nil {
 			eerr = err
 		}
 	}
+	if eerr != nil {
+		s.cmds = append(s.cmds, smCmd{id: sc.id, reason: ReasonError})
+	}
+	s.mu.Unlock()
 	c.Client.Close()
 	c.Backend.Close()
-	if eerr != nil {
-		s.mu.Lock()
-		s.cmds = append(s.cmds, smCmd{id: sc.id, reason: ReasonError})
-		s.mu.Unlock()
-		s.ep.poke()
+	if rescan || eerr != nil {
+		s.ep.poke() // the loop may be asleep until the old scan time
 	}
 }
 
