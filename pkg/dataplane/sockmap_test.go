@@ -16,8 +16,25 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// soak reports whether the long variants were asked for (make soak).
-func soak() bool { return os.Getenv("WSPLICE_SOAK") == "1" }
+// TestSockmapSoak runs the long variants when WSPLICE_SOAK=1 (make soak):
+// 2,000 forced demotions under load, 10,000 pipelined connections, and the
+// whole plane suite three times over.
+func TestSockmapSoak(t *testing.T) {
+	if os.Getenv("WSPLICE_SOAK") != "1" {
+		t.Skip("set WSPLICE_SOAK=1 (make soak) for the long runs")
+	}
+	t.Run("demote", func(t *testing.T) { smDemoteStress(t, 2000) })
+	t.Run("pipelined", func(t *testing.T) { smPipelined(t, 10000) })
+	for i := range 3 {
+		t.Run(fmt.Sprintf("suite%d", i), func(t *testing.T) {
+			t.Run("bulk", TestPlaneBulkBothWays)
+			t.Run("halfclose", TestPlaneHalfClose)
+			t.Run("slowreader", TestPlaneSlowReader)
+			t.Run("short", TestPlaneShortConnsNoLeak)
+			t.Run("stop", TestPlaneStop)
+		})
+	}
+}
 
 // smEnv builds a sockmap plane with opts in a fresh namespace and runs fn.
 func smEnv(t *testing.T, opts SockmapOptions, fn func(s *Sockmap, e *ptEnv)) {
@@ -34,11 +51,9 @@ func smEnv(t *testing.T, opts SockmapOptions, fn func(s *Sockmap, e *ptEnv)) {
 // bulk data flows both ways, at least 100 times. Each run must be either
 // byte-exact through the hand-off or end in a counted integrity reset;
 // a stream that differs without one is a silent corruption.
-func TestSockmapDemoteStress(t *testing.T) {
-	want := 100
-	if soak() {
-		want = 2000
-	}
+func TestSockmapDemoteStress(t *testing.T) { smDemoteStress(t, 100) }
+
+func smDemoteStress(t *testing.T, want int) {
 	const (
 		n        = 24 << 20 // bytes each way per run
 		parallel = 4        // runs at once, so demotions batch in one pass
@@ -198,11 +213,9 @@ func ptPaced(w *net.TCPConn, seed uint64, rate int64, d time.Duration) error {
 
 // TestSockmapPipelined1000: 1,000 connections with bytes pipelined behind
 // both heads, under a background bulk load, all byte-exact (fact 3).
-func TestSockmapPipelined1000(t *testing.T) {
-	n := 1000
-	if soak() {
-		n = 10000
-	}
+func TestSockmapPipelined1000(t *testing.T) { smPipelined(t, 1000) }
+
+func smPipelined(t *testing.T, n int) {
 	smEnv(t, SockmapOptions{}, func(s *Sockmap, e *ptEnv) {
 		// Background load: two connections carrying 64 MiB/s each until
 		// done (a saturating load would leave the two cores to it).
