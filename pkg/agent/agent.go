@@ -16,7 +16,9 @@ import (
 
 	"github.com/wsplice/wsplice/pkg/config"
 	"github.com/wsplice/wsplice/pkg/dataplane"
+	"github.com/wsplice/wsplice/pkg/health"
 	"github.com/wsplice/wsplice/pkg/proxy"
+	"github.com/wsplice/wsplice/pkg/sdnotify"
 	"github.com/wsplice/wsplice/pkg/tune"
 )
 
@@ -43,6 +45,7 @@ type Agent struct {
 	Sockmap *dataplane.Sockmap // nil when the kernel path is unavailable
 	access  *accessLog
 	ep      atomic.Pointer[endpoints] // metrics, admin socket, periodic log
+	Health  *health.Set               // active and passive checks, DNS discovery
 }
 
 // Run starts the agent and blocks until ctx is cancelled (first SIGTERM or
@@ -57,12 +60,19 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath, onClose: opts.OnClose}
 	if err := a.start(); err != nil {
+		if a.Health != nil {
+			a.Health.Stop()
+		}
 		a.stopEndpoints()
 		a.stopPlanes()
 		return err
 	}
 	if opts.Ready != nil {
 		opts.Ready(a)
+	}
+	// Type=notify: systemd considers the unit started only now.
+	if _, err := sdnotify.Ready(); err != nil {
+		log.Warn("sd_notify READY failed", "err", err)
 	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -93,8 +103,11 @@ wait:
 		}
 	}()
 	log.Info("stopping", "drain_timeout", cfg.DrainTimeout.D(), "connections", a.Proxy.Active())
+	sdnotify.Stopping()
+	sdnotify.Status(fmt.Sprintf("draining %d connections", a.Proxy.Active()))
 	spread := min(cfg.DrainTimeout.D()/10, 5*time.Second)
 	a.Proxy.Shutdown(drainCtx, spread)
+	a.Health.Stop()
 	a.stopEndpoints()
 	a.stopPlanes()
 	a.access.close()
@@ -140,11 +153,18 @@ func (a *Agent) start() error {
 			a.onClose(c, r)
 		}
 	}
-	srv, err := proxy.New(a.cfg, planes, proxy.Options{Logger: a.log, OnClose: onClose, OnEstablish: a.connEstablished})
+	a.Health = health.NewSet(health.Options{Logger: a.log, OnEvent: a.healthEvent})
+	srv, err := proxy.New(a.cfg, planes, proxy.Options{
+		Logger: a.log, OnClose: onClose, OnEstablish: a.connEstablished,
+		OnConnectResult: a.Health.ReportResult, Specs: a.Health.Specs,
+	})
 	if err != nil {
 		return err
 	}
 	a.Proxy = srv
+	if err := a.Health.Apply(context.Background(), srv.Pools(), a.cfg.Pools); err != nil {
+		return fmt.Errorf("health checks: %w", err)
+	}
 	// The admin socket comes before the listeners: a second agent started
 	// by mistake fails on it before SO_REUSEPORT gives it any traffic.
 	if err := a.startEndpoints(); err != nil {
@@ -216,13 +236,20 @@ func (a *Agent) Reload() error {
 	if a.path == "" {
 		return errors.New("the configuration came from flags: there is no file to reload")
 	}
+	// Type=notify-reload wants RELOADING=1 then READY=1, also when the new
+	// file is rejected (the old configuration keeps serving).
+	sdnotify.Reloading()
+	defer sdnotify.Ready()
 	cfg, err := config.Load(a.path)
 	if err != nil {
 		return err
 	}
 	// The agent keeps its start-up config (tuning, planes); the proxy holds
 	// the live one (Proxy.Config).
-	return a.Proxy.Reload(cfg)
+	if err := a.Proxy.Reload(cfg); err != nil {
+		return err
+	}
+	return a.Health.Apply(context.Background(), a.Proxy.Pools(), cfg.Pools)
 }
 
 // Addr returns the bound address of the named listener (tests use ":0").

@@ -17,6 +17,7 @@ import (
 	"github.com/wsplice/wsplice/pkg/admin"
 	"github.com/wsplice/wsplice/pkg/balance"
 	"github.com/wsplice/wsplice/pkg/dataplane"
+	"github.com/wsplice/wsplice/pkg/health"
 	"github.com/wsplice/wsplice/pkg/metrics"
 	"github.com/wsplice/wsplice/pkg/proxy"
 )
@@ -641,7 +642,11 @@ func (h adminHandler) SetWeight(_ context.Context, spec string, w int) ([]admin.
 	out := make([]admin.Backend, len(bs))
 	for i, pb := range bs {
 		old := pb.b.Weight()
-		pb.b.SetWeight(w)
+		// Through the health set, which knows slow-start ramps and their
+		// weight scale; directly only if the pool has no checker.
+		if err := h.a.Health.SetWeight(pb.pool, pb.b.Address(), w); err != nil {
+			pb.b.SetWeight(w)
+		}
 		if old != w {
 			h.ep.history.record(historyKey(pb.pool, pb.b.Address()), pb.state(), "admin", fmt.Sprintf("weight %d→%d", old, w), now)
 		}
@@ -667,4 +672,12 @@ func (h adminHandler) Reload(context.Context) error {
 func (h adminHandler) LameDuck(_ context.Context, on bool) error {
 	h.a.Proxy.SetLameDuck(on)
 	return nil
+}
+
+// healthEvent records a health state change in the backend history, with
+// its reason, for `wsplice backends`.
+func (a *Agent) healthEvent(e health.Event) {
+	if ep := a.endpoints(); ep != nil {
+		ep.history.record(historyKey(e.Pool, e.Address), string(e.Change), "health", e.Reason, e.Time)
+	}
 }

@@ -122,8 +122,10 @@ type Pool struct {
 
 // Backend is one upstream server.
 type Backend struct {
-	// Address is host:port. A host name is resolved at start and on reload
-	// (and, with Health.DNSInterval, re-resolved).
+	// Address is host:port, or a DNS SRV name such as
+	// "_ws._tcp.chat.default.svc.cluster.local" (a Kubernetes headless
+	// Service; ports come from the records). Names are resolved at start and
+	// re-resolved every few seconds; every A/AAAA address becomes a backend.
 	Address string `yaml:"address"`
 	// Weight is the relative share of new connections (default 1).
 	Weight int `yaml:"weight"`

@@ -69,7 +69,7 @@ func (c *Config) Validate() error {
 		primaries := 0
 		for j, b := range p.Backends {
 			bf := fmt.Sprintf("%s.backends[%d]", f, j)
-			if err := checkHostPort(b.Address, false); err != nil {
+			if err := checkHostPort(b.Address, false); err != nil && !IsSRVName(b.Address) {
 				bad(bf+".address", "%v", err)
 			}
 			if seen[b.Address] {
@@ -260,6 +260,18 @@ func CheckHashKey(k string) error {
 		return nil
 	}
 	return fmt.Errorf("%q is not a hash key: use client_ip, client_ip/24, header:NAME, cookie:NAME, query:NAME, path or uri", k)
+}
+
+// IsSRVName reports whether addr is a DNS SRV name such as a Kubernetes
+// headless Service's "_ws._tcp.chat.default.svc.cluster.local": two
+// leading labels that start with "_" and no port (the records carry it).
+func IsSRVName(addr string) bool {
+	a, rest, ok := strings.Cut(addr, ".")
+	if !ok {
+		return false
+	}
+	b, rest, ok := strings.Cut(rest, ".")
+	return ok && len(a) > 1 && len(b) > 1 && a[0] == '_' && b[0] == '_' && rest != "" && !strings.Contains(addr, ":")
 }
 
 func checkHostPort(addr string, listen bool) error {

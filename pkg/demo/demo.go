@@ -44,8 +44,11 @@ type EchoServer struct {
 }
 
 // StartEcho starts an echo backend on a loopback port.
-func StartEcho(name string) (*EchoServer, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func StartEcho(name string) (*EchoServer, error) { return StartEchoAt(name, "127.0.0.1:0") }
+
+// StartEchoAt starts an echo backend on addr.
+func StartEchoAt(name, addr string) (*EchoServer, error) {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}

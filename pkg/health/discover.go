@@ -93,14 +93,7 @@ type target struct {
 // Kubernetes gives a headless Service's named ports
 // ("_ws._tcp.chat.default.svc.cluster.local"). Such an address has no
 // port: every SRV record brings its own.
-func IsSRV(addr string) bool {
-	a, rest, ok := strings.Cut(addr, ".")
-	if !ok {
-		return false
-	}
-	b, rest, ok := strings.Cut(rest, ".")
-	return ok && len(a) > 1 && len(b) > 1 && a[0] == '_' && b[0] == '_' && rest != "" && !strings.Contains(addr, ":")
-}
+func IsSRV(addr string) bool { return config.IsSRVName(addr) }
 
 // parseTarget classifies a configured backend address.
 func parseTarget(b config.Backend) (target, error) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/wsplice/wsplice/pkg/balance"
@@ -87,6 +89,7 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 	}()
 
 	if err := s.sendHead(p, be, c, client, head); err != nil {
+		s.tried(p, b, err)
 		s.log.Debug("backend write failed", "backend", conn.Backend, "err", err)
 		s.refuse(l, c, client, RefuseBackendFailed, 502, err)
 		return
@@ -94,8 +97,14 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 	if l.cfg.Mode != "tcp" {
 		resp, rest, err := s.readResponse(l, be)
 		if err != nil {
+			s.tried(p, b, err)
 			s.refuse(l, c, client, RefuseBackendHead, 502, err)
 			return
+		}
+		if resp.Status >= 500 {
+			s.tried(p, b, fmt.Errorf("backend answered %d", resp.Status))
+		} else {
+			s.tried(p, b, nil)
 		}
 		conn.Status = resp.Status
 		if conn.Upgrade && !resp.Upgrade {
@@ -110,6 +119,9 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 			c.Close()
 			return
 		}
+	}
+	if l.cfg.Mode == "tcp" {
+		s.tried(p, b, nil)
 	}
 	conn.ID = s.ids.Add(1)
 	conn.Handshake = time.Since(start)
@@ -215,14 +227,31 @@ func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backe
 		nc, err := d.DialContext(context.Background(), "tcp", b.Address())
 		if err != nil {
 			b.Release()
+			if !localFailure(err) {
+				s.tried(p, b, err)
+			}
 			s.Counters.ConnectFails.Add(1)
-			s.log.Warn("backend connect failed", "pool", p.Name(), "backend", b.Address(), "try", try+1, "err", err)
+			s.log.Debug("backend connect failed", "pool", p.Name(), "backend", b.Address(), "try", try+1, "err", err)
 			lastErr = err
 			continue
 		}
 		return nc.(*net.TCPConn), b, time.Since(t0), nil
 	}
 	return nil, nil, 0, lastErr
+}
+
+// tried reports one backend try to the passive health checks.
+func (s *Server) tried(p *pool, b *balance.Backend, err error) {
+	if s.onTry != nil {
+		s.onTry(p.Name(), b, err)
+	}
+}
+
+// localFailure: the dial failed for a reason of this host (out of fds,
+// ports or memory), not the backend's.
+func localFailure(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // sendHead writes the PROXY header (if the pool asks for one) and the

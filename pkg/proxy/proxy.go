@@ -35,6 +35,15 @@ type Options struct {
 	// OnEstablish, when set, is called once per connection after a data
 	// plane took it (metrics histograms).
 	OnEstablish func(c *Conn)
+	// OnConnectResult, when set, is told the outcome of every backend try:
+	// an error for a failed connect or handshake, nil once the backend
+	// answered (passive health checks). The agent's own failures (fds,
+	// shutdown) are not reported.
+	OnConnectResult func(pool string, b *balance.Backend, err error)
+	// Specs, when set, turns a pool's configured backends into the specs
+	// the balancer uses (DNS and SRV resolution by the health package);
+	// otherwise the configured addresses are used as they are.
+	Specs func(ctx context.Context, p config.Pool) ([]balance.BackendSpec, error)
 }
 
 // Server is the running proxy: listeners, pools and the connection table.
@@ -43,6 +52,8 @@ type Server struct {
 	planes  Planes
 	onClose func(*Conn, dataplane.Result)
 	onEstab func(*Conn)
+	onTry   func(pool string, b *balance.Backend, err error)
+	specs   func(ctx context.Context, p config.Pool) ([]balance.BackendSpec, error)
 
 	state atomic.Pointer[state]
 	table *table
@@ -91,7 +102,7 @@ func New(cfg *config.Config, planes Planes, opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{log: log, planes: planes, onClose: opts.OnClose, onEstab: opts.OnEstablish, table: newTable(), listeners: map[string]*socket{}}
+	s := &Server{log: log, planes: planes, onClose: opts.OnClose, onEstab: opts.OnEstablish, onTry: opts.OnConnectResult, specs: opts.Specs, table: newTable(), listeners: map[string]*socket{}}
 	st, err := s.compile(cfg, nil)
 	if err != nil {
 		return nil, err
@@ -108,9 +119,9 @@ func New(cfg *config.Config, planes Planes, opts Options) (*Server, error) {
 func (s *Server) compile(cfg *config.Config, old *state) (*state, error) {
 	st := &state{cfg: cfg, pools: map[string]*pool{}}
 	for _, pc := range cfg.Pools {
-		specs := make([]balance.BackendSpec, len(pc.Backends))
-		for i, b := range pc.Backends {
-			specs[i] = balance.BackendSpec{Address: b.Address, Weight: b.Weight, Backup: b.Backup, Down: b.Down, MaxConns: b.MaxConns}
+		specs, err := s.poolSpecs(pc)
+		if err != nil {
+			return nil, fmt.Errorf("pool %s: %w", pc.Name, err)
 		}
 		opt := balance.Options{
 			Algorithm: balance.Algorithm(pc.Balance), Fallback: balance.Algorithm(pc.HashFallback),
@@ -133,6 +144,21 @@ func (s *Server) compile(cfg *config.Config, old *state) (*state, error) {
 		st.pools[pc.Name] = &pool{Pool: bp, cfg: pc, key: parseHashKey(pc.HashKey)}
 	}
 	return st, nil
+}
+
+// poolSpecs resolves a pool's backends through Options.Specs, or takes the
+// configured addresses as they are.
+func (s *Server) poolSpecs(pc config.Pool) ([]balance.BackendSpec, error) {
+	if s.specs != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return s.specs(ctx, pc)
+	}
+	specs := make([]balance.BackendSpec, len(pc.Backends))
+	for i, b := range pc.Backends {
+		specs[i] = balance.BackendSpec{Address: b.Address, Weight: b.Weight, Backup: b.Backup, Down: b.Down, MaxConns: b.MaxConns}
+	}
+	return specs, nil
 }
 
 func (s *Server) compileListener(lc config.Listener, st *state) *listener {
