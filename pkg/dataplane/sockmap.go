@@ -88,6 +88,7 @@ type SockmapCounters struct {
 	ParkedBytes      int64         // estimated bytes parked in the kernel now (busy connections)
 	IterPasses       uint64        // iter/tcp passes run for demotions
 	IterTime         time.Duration // total time of those passes
+	IterRetries      uint64        // demotions that needed another pass (socket not visited)
 }
 
 // Sockmap is the sockmap data plane: both sockets of a connection join a

@@ -18,28 +18,31 @@ import (
 // guarded by Sockmap.mu; index 0 is the client, 1 the backend, and
 // per-direction arrays are indexed by the sending side.
 type smConn struct {
-	id      uint64
-	fd      [2]int
-	cookie  [2]uint64
-	rxBase  [2]uint64    // bytes received and consumed by userspace before insertion
-	txBase  [2]uint64    // bytes written into the socket before insertion
-	pre     [2]Direction // forwarded by the pre-insertion drain, by sender
-	last    [2]uint64    // program byte counter at the previous poll
-	parked  [2]int64     // estimate at the previous poll, by sender
-	rate    [2]uint64    // byte counter at rateAt
-	rateAt  int64        // CLOCK_MONOTONIC ns
-	startNs int64        // CLOCK_MONOTONIC ns of insertion
-	phaseAt int64        // CLOCK_MONOTONIC ns the phase began
-	stallAt int64        // first poll that found FIN's bytes unaccounted for
-	seenNs  int64        // latest program activity stamp a scan saw
-	idle    time.Duration
-	done    func(Result)
-	reason  string // demotion reason
-	flags   smFlags
-	phase   smPhase
-	quiet   uint8
-	first   int8 // side whose FIN came first, -1 none
-	closeRs CloseReason
+	id       uint64
+	fd       [2]int
+	cookie   [2]uint64
+	rxBase   [2]uint64    // bytes received and consumed by userspace before insertion
+	txBase   [2]uint64    // bytes written into the socket before insertion
+	pre      [2]Direction // forwarded by the pre-insertion drain, by sender
+	last     [2]uint64    // program byte counter at the previous poll
+	parked   [2]int64     // estimate at the previous poll, by sender
+	rate     [2]uint64    // byte counter at rateAt
+	rateAt   int64        // CLOCK_MONOTONIC ns
+	startNs  int64        // CLOCK_MONOTONIC ns of insertion
+	phaseAt  int64        // CLOCK_MONOTONIC ns the phase began
+	stallAt  int64        // first poll that found FIN's bytes unaccounted for
+	seenNs   int64        // latest program activity stamp a scan saw
+	nextPoll int64        // CLOCK_MONOTONIC ns before which a stalled busy conn is not polled
+	idle     time.Duration
+	done     func(Result)
+	reason   string // demotion reason
+	flags    smFlags
+	phase    smPhase
+	quiet    uint8 // polls in a row with nothing moving and nothing parked
+	stuck    uint8 // polls in a row with bytes parked and no progress (backoff)
+	passes   uint8 // iter/tcp passes this demotion took
+	first    int8  // side whose FIN came first, -1 none
+	closeRs  CloseReason
 }
 
 type smFlags uint8
@@ -115,8 +118,8 @@ func (c *smConn) stats(st *[2]sockmapSockState) Stats {
 			Segments: c.pre[1].Segments + st[1].Segs,
 		},
 		LastActivity: monoToWall(last),
-		DemoteReason: c.reason,
-		Demoted:      c.reason != "",
+		// Demoted and DemoteReason are set at the hand-off: until then the
+		// connection is on the kernel path, even while a demotion drains.
 	}
 	return s
 }

@@ -113,27 +113,55 @@ func (s *Sockmap) runDemotions(now int64) {
 	}
 
 	for _, c := range live {
-		ok := ierr == nil
+		var failed error
+		retry := false
 		for i := range 2 {
 			if c.flags&smVerdict(i) == 0 {
 				continue
 			}
 			var v uint32
-			if err := m.Demote.Lookup(c.cookie[i], &v); err != nil || v != smDemoteDone {
-				ok = false
-			} else {
+			if err := m.Demote.Lookup(c.cookie[i], &v); err != nil {
+				failed = fmt.Errorf("reading demote map: %w", err)
+				continue
+			}
+			switch {
+			case ierr != nil:
+				failed = ierr
+			case v == smDemoteDone:
 				c.flags &^= smVerdict(i)
+				_ = m.Demote.Delete(c.cookie[i])
+			case v == smDemotePending:
+				// Not visited. The tcp iterator walks hash buckets in
+				// batches and can step over a socket while others in its
+				// bucket come and go; a later pass finds it.
+				retry = true
+			default:
+				// Visited, but not in the verdict map. A lookup is safe
+				// (only deletes race with the verdict).
+				var x uint64
+				if err := m.VerdictMap.Lookup(c.cookie[i], &x); errors.Is(err, ebpf.ErrKeyNotExist) {
+					c.flags &^= smVerdict(i)
+					_ = m.Demote.Delete(c.cookie[i])
+				} else {
+					failed = fmt.Errorf("iter/tcp could not delete the %s socket from the verdict map", smSide(i))
+				}
 			}
-			_ = m.Demote.Delete(c.cookie[i])
 		}
-		if !ok {
-			// The socket was not visited with the lock held (it was
-			// closed or reset meanwhile): nothing can be proven exact.
-			err := ierr
-			if err == nil {
-				err = errors.New("iter/tcp did not find the socket in the verdict map")
+		if failed == nil && retry {
+			c.passes++
+			if c.passes < smDemotePasses {
+				s.ctr.IterRetries++
+				s.demoteQ = append(s.demoteQ, c)
+				continue
 			}
-			s.reset(c, ReasonError, fmt.Errorf("sockmap: demotion: %w", err))
+			failed = fmt.Errorf("iter/tcp did not visit the socket in %d passes", c.passes)
+		}
+		if failed != nil {
+			// Nothing can be proven exact without the socket lock.
+			for i := range 2 {
+				_ = m.Demote.Delete(c.cookie[i])
+			}
+			s.reset(c, ReasonError, fmt.Errorf("sockmap: demotion: %w", failed))
 			continue
 		}
 		c.phase = smDraining
@@ -141,6 +169,9 @@ func (s *Sockmap) runDemotions(now int64) {
 		s.makeHot(c)
 	}
 }
+
+// smDemotePasses bounds the iter/tcp passes one demotion may take.
+const smDemotePasses = 8
 
 // runIter runs the iter/tcp program once over the namespace's sockets.
 func (s *Sockmap) runIter() error {
@@ -187,6 +218,8 @@ func (s *Sockmap) completeDemotion(c *smConn, st *[2]sockmapSockState, now int64
 
 	base := c.stats(st)
 	base.Plane = s.opts.Fallback.Kind()
+	base.Demoted = true
+	base.DemoteReason = c.reason
 	for i := range 2 {
 		s.ep.del(c.fd[i])
 		_ = m.Socks.Delete(c.cookie[i])

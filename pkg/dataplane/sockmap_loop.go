@@ -139,6 +139,8 @@ func (s *Sockmap) drainRing(rec *ringbuf.Record) {
 
 func (s *Sockmap) makeHot(c *smConn) {
 	c.quiet = 0
+	c.stuck = 0
+	c.nextPoll = 0
 	s.hot[c] = struct{}{}
 }
 
@@ -217,7 +219,9 @@ func (s *Sockmap) closeWith(c *smConn, reason CloseReason, now int64) {
 // tick polls every busy connection.
 func (s *Sockmap) tick(now int64) {
 	for c := range s.hot {
-		s.poll(c, now)
+		if c.nextPoll <= now {
+			s.poll(c, now)
+		}
 	}
 }
 
@@ -242,6 +246,7 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 		return
 	}
 	moved := false
+	prevParked := c.parked
 	for i := range 2 {
 		if st[i].Bytes != c.last[i] {
 			moved = true
@@ -260,11 +265,14 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 		c.parked[i] = max(0, int64(st[i].Bytes)-int64(w-c.txBase[dst]))
 	}
 
+	progress := moved || c.parked != prevParked
 	switch c.phase {
 	case smDraining:
 		if c.parked[0] == 0 && c.parked[1] == 0 {
 			s.completeDemotion(c, &st, now)
+			return
 		}
+		s.backoff(c, now, progress)
 		return
 	case smQueued:
 		return
@@ -350,9 +358,24 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 			c.quiet = 0
 			c.rateAt = 0
 		}
-	} else {
-		c.quiet = 0
+		return
 	}
+	c.quiet = 0
+	s.backoff(c, now, progress)
+}
+
+// backoff spaces out the polls of a busy connection that makes no progress
+// (bytes parked or a FIN waiting for them, and the receiver stalled): each
+// such poll doubles the interval, up to 128 × PollInterval. Any progress,
+// ring event or socket event polls it at the normal pace again.
+func (s *Sockmap) backoff(c *smConn, now int64, progress bool) {
+	if progress {
+		c.stuck = 0
+		c.nextPoll = 0
+		return
+	}
+	c.stuck = min(c.stuck+1, 7)
+	c.nextPoll = now + int64(s.opts.PollInterval)<<c.stuck
 }
 
 // scan looks at every connection that is not busy: one that moved bytes
@@ -394,11 +417,18 @@ func (s *Sockmap) scan(now int64) {
 			break
 		}
 	}
+	// Idle: no byte redirected either way for IdleTimeout (a connection
+	// parked behind a stalled reader counts as idle too), or, while a
+	// demotion waits for parked bytes, no progress since it began.
 	for _, c := range s.conns {
-		if _, busy := s.hot[c]; busy || c.idle <= 0 || c.phase != smLive {
+		if c.idle <= 0 || (c.phase != smLive && c.phase != smDraining) {
 			continue
 		}
-		if now-max(c.startNs, c.seenNs) > int64(c.idle) {
+		last := max(c.startNs, c.seenNs)
+		if c.phase == smDraining {
+			last = max(last, c.phaseAt)
+		}
+		if now-last > int64(c.idle) {
 			s.closeWith(c, ReasonIdle, now)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -86,14 +87,19 @@ func smDemoteStress(t *testing.T, want int) {
 				runs++
 				r := p.wait(t, 30*time.Second)
 				p.close()
+				clean := r.Reason == ReasonClientFIN || r.Reason == ReasonBackendFIN
 				switch {
 				case r.Reason == ReasonIntegrity:
 					resets++
 					demoted++
 					t.Logf("run %d: integrity reset (counted): %v", runs, r.Err)
-				case errs[i] != nil:
-					t.Errorf("run %d: SILENT CORRUPTION or loss: %v (reason %s, demoted %v, err %v)",
-						runs, errs[i], r.Reason, r.Demoted, r.Err)
+				case errs[i] != nil && clean:
+					t.Errorf("run %d: SILENT CORRUPTION or loss: %v (reason %s, demoted %v)",
+						runs, errs[i], r.Reason, r.Demoted)
+				case !clean:
+					// Reset and reported, so not silent; but a demotion
+					// should never need to give up a connection.
+					t.Errorf("run %d: connection reset by the plane: %s %v (stream: %v)", runs, r.Reason, r.Err, errs[i])
 				case r.Demoted:
 					demoted++
 					exact++
@@ -414,29 +420,27 @@ func TestSockmapDemotedStats(t *testing.T) {
 	smEnv(t, SockmapOptions{ParkedHighWater: 1 << 20}, func(s *Sockmap, e *ptEnv) {
 		p := e.pair(nil)
 		defer p.close()
-		// Fill: the backend does not read until 8 MiB were written.
+		// The backend reads slowly, so bytes park and the connection is
+		// demoted; the demotion completes as the reader drains them.
 		werr := make(chan error, 1)
 		go func() { werr <- ptWriteStream(p.client, 3, 8<<20, 64<<10, false) }()
-		deadline := time.Now().Add(5 * time.Second)
-		var st Stats
-		for time.Now().Before(deadline) {
-			st, _ = s.Stats(p.id)
-			if st.Demoted {
-				break
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-		if !st.Demoted || st.DemoteReason != DemoteParked {
-			t.Fatalf("not demoted for parked bytes: %+v", st)
-		}
-		if _, err := ptReadStream(p.backend, 3, 8<<20, false); err != nil {
+		var read atomic.Int64
+		rr := &ptRateReader{r: p.backend, slow: make(chan struct{}), n: &read}
+		if _, err := ptReadStream(rr, 3, 8<<20, false); err != nil {
 			t.Fatal(err)
 		}
 		if err := <-werr; err != nil {
 			t.Fatal(err)
 		}
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) {
+			if st, _ := s.Stats(p.id); st.Demoted {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
 		st, ok := s.Stats(p.id)
-		if !ok || st.Plane != KindSplice || st.ClientToBackend.Bytes != 8<<20 {
+		if !ok || !st.Demoted || st.DemoteReason != DemoteParked || st.Plane != KindSplice || st.ClientToBackend.Bytes != 8<<20 {
 			t.Errorf("Stats after demotion: %+v", st)
 		}
 		if s.Len() != 1 {
