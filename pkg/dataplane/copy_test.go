@@ -283,10 +283,27 @@ func TestCopyIdle(t *testing.T) {
 // dropAll makes a socket deaf: a classic BPF socket filter that accepts
 // nothing discards every segment before TCP sees it (no ACK goes back),
 // which is what a peer that vanished looks like from the other end.
+//
+// It first waits until everything c sent is acknowledged: a segment still
+// being retransmitted would reach the other end and count as a sign of life.
 func dropAll(t testing.TB, c *net.TCPConn) {
 	// One instruction: BPF_RET|BPF_K with 0, "keep 0 bytes".
 	filter := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
 	rc, _ := c.SyscallConn()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var unacked uint32
+		rc.Control(func(fd uintptr) {
+			if ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+				unacked = ti.Unacked
+			}
+		})
+		if unacked == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d segments still unacknowledged", unacked)
+		}
+	}
 	var serr error
 	rc.Control(func(fd uintptr) {
 		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: 1, Filter: &filter[0]})
@@ -315,6 +332,10 @@ func TestCopyPeerTimeout(t *testing.T) {
 	t.Logf("closed after %v: %s", time.Since(start).Round(10*time.Millisecond), res.Reason)
 	if res.Reason != ReasonClientTimeout {
 		t.Fatalf("reason %s, want %s", res.Reason, ReasonClientTimeout)
+	}
+	// TCP_USER_TIMEOUT is 3 s after the last segment received.
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("dead peer found after %v, want about 3s", el)
 	}
 	r.backend.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := r.backend.Read(make([]byte, 1)); err == nil {
