@@ -43,6 +43,14 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 		}
 	}()
 
+	setKeepalive(l.cfg.Keepalive.Client, c) // (keepalive.go)
+	var cc clientConn = c                   // the client's stream: c, or TLS over it (tls.go)
+	if l.tls != nil && l.tls.store != nil {
+		if cc = s.terminate(l, c, client); cc == nil {
+			return
+		}
+	}
+
 	st := s.state.Load()
 	conn := &Conn{Listener: l.cfg.Name, Client: client, Start: start, clientKey: limKey}
 	var head []byte // what goes to the backend first (head rewritten, or nothing)
@@ -54,10 +62,15 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 		p = st.pools[l.cfg.Pool]
 		key = keyFor(p.key, nil, client)
 		conn.Route = "tcp"
+	case "tls_passthrough": // (tls.go)
+		var ok bool
+		if head, p, key, ok = s.readClientHello(l, c, client, conn); !ok {
+			return
+		}
 	default:
 		var r *route
 		var ok bool
-		head, r, key, ok = s.readRequest(l, st, c, client, conn)
+		head, r, key, ok = s.readRequest(l, st, cc, client, conn)
 		if !ok {
 			return
 		}
@@ -71,9 +84,10 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 		if errors.Is(err, balance.ErrNoBackend) {
 			reason = RefuseNoBackend
 		}
-		s.refuse(l, c, client, reason, statusFor(reason), err)
+		s.refuse(l, cc, client, reason, statusFor(reason), err)
 		return
 	}
+	setKeepalive(l.cfg.Keepalive.Backend, be) // (keepalive.go)
 	conn.backend = b
 	conn.Backend = b.Address()
 	conn.Connect = connectTime
@@ -87,18 +101,26 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 			b.Release()
 		}
 	}()
+	var bs net.Conn = be // the backend's stream: be, or TLS over it (tls.go)
+	if l.tls != nil && l.tls.backend != nil {
+		if bs, err = s.originate(l, p, be, conn.Backend); err != nil {
+			s.tried(p, b, err)
+			s.refuse(l, cc, client, RefuseBackendTLS, 502, err)
+			return
+		}
+	}
 
-	if err := s.sendHead(p, be, c, client, head); err != nil {
+	if err := s.sendHead(p, bs, c, client, head); err != nil {
 		s.tried(p, b, err)
 		s.log.Debug("backend write failed", "backend", conn.Backend, "err", err)
-		s.refuse(l, c, client, RefuseBackendFailed, 502, err)
+		s.refuse(l, cc, client, RefuseBackendFailed, 502, err)
 		return
 	}
-	if l.cfg.Mode != "tcp" {
-		resp, rest, err := s.readResponse(l, be)
+	if l.cfg.Mode == "websocket" {
+		resp, rest, err := s.readResponse(l, bs)
 		if err != nil {
 			s.tried(p, b, err)
-			s.refuse(l, c, client, RefuseBackendHead, 502, err)
+			s.refuse(l, cc, client, RefuseBackendHead, 502, err)
 			return
 		}
 		if resp.Status >= 500 {
@@ -111,21 +133,21 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 			// The backend declined the upgrade: it still speaks HTTP on this
 			// connection, so tunnelling would let the client send further
 			// requests past every check here. Relay the answer and close.
-			s.relayRefusedUpgrade(l, c, be, resp, rest, conn)
+			s.relayRefusedUpgrade(l, cc, bs, resp, rest, conn)
 			return
 		}
-		if err := s.relay(l, c, resp.raw, rest); err != nil {
+		if err := s.relay(l, cc, resp.raw, rest); err != nil {
 			s.log.Debug("client write failed", "client", client.String(), "err", err)
-			c.Close()
+			cc.Close()
 			return
 		}
 	}
-	if l.cfg.Mode == "tcp" {
+	if l.cfg.Mode != "websocket" {
 		s.tried(p, b, nil)
 	}
 	conn.ID = s.ids.Add(1)
 	conn.Handshake = time.Since(start)
-	if !s.startPlane(l, conn, c, be, release) {
+	if !s.handOff(l, conn, c, be, cc, bs, release) { // (tls.go)
 		return
 	}
 	ok = true
@@ -139,7 +161,7 @@ func (s *Server) handle(l *listener, c *net.TCPConn) {
 // returns the head to send to the backend (rewritten, plus any bytes the
 // client pipelined behind it), the route and the hash key. On failure it
 // has already answered the client.
-func (s *Server) readRequest(l *listener, st *state, c *net.TCPConn, client netip.AddrPort, conn *Conn) ([]byte, *route, balance.Key, bool) {
+func (s *Server) readRequest(l *listener, st *state, c clientConn, client netip.AddrPort, conn *Conn) ([]byte, *route, balance.Key, bool) {
 	lim := handshake.Limits{MaxHeadBytes: l.cfg.MaxHeadBytes, MaxHeaders: l.cfg.MaxHeaders}
 	c.SetReadDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
 	raw, rest, err := handshake.ReadHead(c, lim)
@@ -193,7 +215,7 @@ func (s *Server) readRequest(l *listener, st *state, c *net.TCPConn, client neti
 		s.refuse(l, c, client, RefuseNotUpgrade, 426, nil)
 		return nil, nil, balance.Key{}, false
 	}
-	fw := handshake.Forwarding{ClientAddr: client, Proto: "http", Headers: r.pool.cfg.Forward == "headers", Close: !req.Upgrade}
+	fw := handshake.Forwarding{ClientAddr: client, Proto: l.proto(), Headers: r.pool.cfg.Forward == "headers", Close: !req.Upgrade}
 	out := req.AppendRewritten(make([]byte, 0, len(raw)+128+len(rest)), fw)
 	out = append(out, rest...)
 	return out, r, keyFor(r.key, req, client), true
@@ -221,7 +243,7 @@ func (s *Server) connect(p *pool, key balance.Key) (*net.TCPConn, *balance.Backe
 			return nil, nil, 0, err
 		}
 		tried = append(tried, b)
-		d := net.Dialer{Timeout: p.cfg.ConnectTimeout.D()}
+		d := net.Dialer{Timeout: p.cfg.ConnectTimeout.D(), KeepAlive: -1} // setKeepalive sets it (keepalive.go)
 		d.SetMultipathTCP(false)
 		t0 := time.Now()
 		nc, err := d.DialContext(context.Background(), "tcp", b.Address())
@@ -256,7 +278,7 @@ func localFailure(err error) bool {
 
 // sendHead writes the PROXY header (if the pool asks for one) and the
 // rewritten head with the client's pipelined bytes.
-func (s *Server) sendHead(p *pool, be, c *net.TCPConn, client netip.AddrPort, head []byte) error {
+func (s *Server) sendHead(p *pool, be net.Conn, c *net.TCPConn, client netip.AddrPort, head []byte) error {
 	var pre []byte
 	local := netip.AddrPort{}
 	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
@@ -285,7 +307,7 @@ type response struct {
 
 // readResponse reads the backend's response head, bounded and with the
 // listener's handshake deadline. rest holds what the backend sent behind it.
-func (s *Server) readResponse(l *listener, be *net.TCPConn) (response, []byte, error) {
+func (s *Server) readResponse(l *listener, be net.Conn) (response, []byte, error) {
 	lim := handshake.Limits{MaxHeadBytes: l.cfg.MaxHeadBytes, MaxHeaders: l.cfg.MaxHeaders}
 	be.SetReadDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
 	raw, rest, err := handshake.ReadHead(be, lim)
@@ -301,7 +323,7 @@ func (s *Server) readResponse(l *listener, be *net.TCPConn) (response, []byte, e
 }
 
 // relay writes the response head and what followed it to the client.
-func (s *Server) relay(l *listener, c *net.TCPConn, head, rest []byte) error {
+func (s *Server) relay(l *listener, c clientConn, head, rest []byte) error {
 	c.SetWriteDeadline(time.Now().Add(l.cfg.HandshakeTimeout.D()))
 	defer c.SetWriteDeadline(time.Time{})
 	_, err := c.Write(append(head, rest...))
@@ -314,7 +336,7 @@ const maxRefusalBody = 64 << 10
 // relayRefusedUpgrade passes a backend's non-101 answer to an upgrade
 // request to the client — head and a body of known length up to 64 KiB —
 // and closes both connections.
-func (s *Server) relayRefusedUpgrade(l *listener, c, be *net.TCPConn, resp response, rest []byte, conn *Conn) {
+func (s *Server) relayRefusedUpgrade(l *listener, c clientConn, be net.Conn, resp response, rest []byte, conn *Conn) {
 	// handle's deferred cleanup closes be and releases the backend.
 	defer c.Close()
 	body := rest
@@ -393,7 +415,7 @@ func (s *Server) closed(conn *Conn, r dataplane.Result, release func()) {
 }
 
 // refuse answers and closes a connection that will not be proxied.
-func (s *Server) refuse(l *listener, c *net.TCPConn, client netip.AddrPort, reason string, status int, err error) {
+func (s *Server) refuse(l *listener, c clientConn, client netip.AddrPort, reason string, status int, err error) {
 	s.Counters.Refused(reason)
 	attrs := []any{"listener", l.cfg.Name, "client", client.String(), "reason", reason}
 	if status != 0 {
@@ -403,7 +425,7 @@ func (s *Server) refuse(l *listener, c *net.TCPConn, client netip.AddrPort, reas
 		attrs = append(attrs, "err", err)
 	}
 	s.log.Info("refused", attrs...)
-	if l.cfg.Mode != "tcp" && status != 0 {
+	if l.answersHTTP(c) && status != 0 { // (tls.go)
 		c.SetWriteDeadline(time.Now().Add(time.Second))
 		var extra []handshake.Header
 		if status == 429 || status == 503 {

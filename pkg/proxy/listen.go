@@ -30,6 +30,7 @@ func Listen(address string, backlog int) (*net.TCPListener, error) {
 		return serr
 	}}
 	lc.SetMultipathTCP(false)
+	lc.KeepAlive = -1 // per connection from the listener's config (keepalive.go)
 	ln, err := lc.Listen(context.Background(), "tcp", address)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", address, err)

@@ -62,6 +62,7 @@ type Server struct {
 
 	// Counters are read by the metrics package.
 	Counters Counters
+	tls      tlsState // certificates, backend TLS, copy plane (tls.go)
 
 	mu        sync.Mutex         // serialises Start, Reload and Shutdown
 	listeners map[string]*socket // by address
@@ -91,6 +92,7 @@ type listener struct {
 	routes []*route
 	pool   *pool // tcp mode, or websocket fallback
 	plane  string
+	tls    *tlsListener // nil without TLS or SNI settings (tls.go)
 }
 
 // New builds a Server from a validated config. Nothing listens until Start.
@@ -108,6 +110,9 @@ func New(cfg *config.Config, planes Planes, opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.state.Store(st)
+	if err := s.prepareTLS(cfg); err != nil {
+		return nil, err
+	}
 	l := cfg.Limits
 	s.lim.Store(newLimiter(l.MaxConns, l.PerIPConns, l.PerIPRate, l.PerIPBurst, l.IPv6Prefix))
 	return s, nil
@@ -163,6 +168,7 @@ func (s *Server) poolSpecs(pc config.Pool) ([]balance.BackendSpec, error) {
 
 func (s *Server) compileListener(lc config.Listener, st *state) *listener {
 	l := &listener{cfg: lc, plane: lc.Dataplane}
+	l.tls = s.compileTLS(lc, st)
 	if lc.Pool != "" {
 		l.pool = st.pools[lc.Pool]
 	}
@@ -210,6 +216,7 @@ func (s *Server) Start() error {
 	}
 	s.wg.Add(1)
 	go s.sweepLoop()
+	s.startTLS()
 	return nil
 }
 
@@ -242,6 +249,10 @@ func (s *Server) Reload(cfg *config.Config) error {
 	defer s.mu.Unlock()
 	if s.draining.Load() {
 		return errors.New("reload: the agent is draining")
+	}
+	// Certificates load first: a file that does not load changes nothing.
+	if err := s.prepareTLS(cfg); err != nil {
+		return fmt.Errorf("reload: %w", err)
 	}
 	old := s.state.Load()
 	var added []config.Listener
