@@ -5,10 +5,9 @@ package main
 // and the proxy's. The request path picks what a connection does:
 //
 //	/echo                       echo every message back (and the close handshake)
-//	/sink                       discard; ack the byte count every ackEvery bytes
-//	/slow?rate=B&dur=D&report=F like /sink, but read B bytes/s, close after D and
-//	                            write the bytes read to file F (the acks of a
-//	                            proxy that holds the reverse direction arrive late)
+//	/sink?tag=T                 discard; ack the byte count every ackEvery bytes
+//	                            and add it to counter T (read on the stats port)
+//	/slow?rate=B&dur=D&tag=T    like /sink, but read B bytes/s and close after D
 
 import (
 	"bufio"
@@ -21,17 +20,63 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // ackEvery is how often (in payload bytes) a sink reports what it received.
 const ackEvery = 1 << 20
 
-// runBackend listens on n loopback ports, prints "ready ADDR..." and serves
-// until stdin closes (the harness holds the other end of the pipe, so the
-// backends die with it).
+// received counts the payload bytes each sink connection read, by the tag
+// in its URL, so the generator can measure at the receiver even when a
+// proxy holds the reverse direction (the acks).
+var received sync.Map // tag → *atomic.Uint64
+
+func counter(tag string) *atomic.Uint64 {
+	if tag == "" {
+		return new(atomic.Uint64)
+	}
+	v, _ := received.LoadOrStore(tag, new(atomic.Uint64))
+	return v.(*atomic.Uint64)
+}
+
+// serveStats answers "TAG\n" with the bytes the sinks tagged TAG read.
+func serveStats(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for {
+				tag, err := br.ReadString('\n')
+				if err != nil {
+					return
+				}
+				var total uint64
+				if v, ok := received.Load(strings.TrimSpace(tag)); ok {
+					total = v.(*atomic.Uint64).Load()
+				}
+				if _, err := fmt.Fprintf(c, "%d\n", total); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// runBackend listens on n loopback ports and a stats port, prints "ready
+// STATS ADDR..." and serves until stdin closes (the harness holds the other
+// end of the pipe, so the backends die with it).
 func runBackend(n int) error {
-	var addrs []string
+	stats, err := listenTCP("127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	go serveStats(stats)
+	addrs := []string{stats.Addr().String()}
 	var lns []net.Listener
 	for range n {
 		ln, err := listenTCP("127.0.0.1:0")
@@ -92,12 +137,12 @@ func serveWS(c net.Conn) {
 	}
 	switch u.Path {
 	case "/sink":
-		sink(c, br, 0, 0, "")
+		sink(c, br, 0, 0, counter(u.Query().Get("tag")))
 	case "/slow":
 		q := u.Query()
 		rate, _ := strconv.ParseInt(q.Get("rate"), 10, 64)
 		dur, _ := time.ParseDuration(q.Get("dur"))
-		sink(c, br, rate, dur, q.Get("report"))
+		sink(c, br, rate, dur, counter(q.Get("tag")))
 	default:
 		echo(c, br)
 	}
@@ -143,9 +188,9 @@ func echo(c net.Conn, br *bufio.Reader) {
 // sink discards data frames, reading at most rate bytes/s when rate > 0,
 // and acks the payload total every ackEvery bytes. With dur > 0 it closes
 // the connection after dur (a slow reader gives up; the unread bytes make
-// the close an RST, which frees whatever a proxy parked for it). With
-// report set, the total read is written to that file at the end.
-func sink(c net.Conn, br *bufio.Reader, rate int64, dur time.Duration, report string) {
+// the close an RST, which frees whatever a proxy parked for it). Every
+// payload byte read is added to count.
+func sink(c net.Conn, br *bufio.Reader, rate int64, dur time.Duration, count *atomic.Uint64) {
 	var wmu sync.Mutex
 	ack := func(total uint64) bool {
 		var b [10]byte
@@ -167,9 +212,6 @@ func sink(c net.Conn, br *bufio.Reader, rate int64, dur time.Duration, report st
 	}
 	start := time.Now()
 	var total, nextAck uint64 = 0, ackEvery
-	if report != "" {
-		defer func() { _ = os.WriteFile(report, []byte(strconv.FormatUint(total, 10)), 0o644) }()
-	}
 	for {
 		f, err := readFrameHeader(br)
 		if err != nil {
@@ -183,6 +225,7 @@ func sink(c net.Conn, br *bufio.Reader, rate int64, dur time.Duration, report st
 			}
 			left -= n
 			total += uint64(n)
+			count.Add(uint64(n))
 			if rate > 0 {
 				due := start.Add(time.Duration(float64(total) / float64(rate) * float64(time.Second)))
 				if d := time.Until(due); d > 0 {

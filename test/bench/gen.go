@@ -8,16 +8,18 @@ package main
 
 import (
 	"bufio"
+	crand "crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/url"
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,9 +34,43 @@ type genOpts struct {
 	dur   time.Duration
 	warm  time.Duration
 	pids  []int
-	rate  int64 // slow reader bytes/s
-	cap   int64 // slow test: most bytes the sender tries to push
-	proxy int   // slow test: proxy PID for RSS
+	rate  int64  // slow reader bytes/s
+	cap   int64  // slow test: most bytes the sender tries to push
+	proxy int    // slow test: proxy PID for RSS
+	stats string // backends' stats address
+}
+
+// statsClient reads the backends' receive counters.
+type statsClient struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialStats(addr string) (*statsClient, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("backend stats: %w", err)
+	}
+	return &statsClient{c: c, br: bufio.NewReader(c)}, nil
+}
+
+// read returns the bytes the sinks tagged tag have read so far.
+func (s *statsClient) read(tag string) (uint64, error) {
+	_ = s.c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := fmt.Fprintf(s.c, "%s\n", tag); err != nil {
+		return 0, err
+	}
+	line, err := s.br.ReadString('\n')
+	if err != nil {
+		return 0, err
+	}
+	return strconv.ParseUint(strings.TrimSpace(line), 10, 64)
+}
+
+func newTag() string {
+	var b [8]byte
+	_, _ = crand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // phases of a measurement.
@@ -69,6 +105,9 @@ func (w *window) fill(r *Result) {
 	r.CPUBusyS = busySeconds(w.c0, w.c1)
 	r.CPUAttrS = float64(w.a1-w.a0)/clkTck + irqSeconds(w.c0, w.c1)
 	r.MachineBusy = busyFraction(w.c0, w.c1)
+	if t := float64(w.c1.total()-w.c0.total()) / clkTck; t > 0 {
+		r.OtherLoad = max(0, r.CPUBusyS-r.CPUAttrS) / t
+	}
 }
 
 func runGen(o genOpts) error {
@@ -234,12 +273,19 @@ func genEcho(o genOpts) (Result, error) {
 }
 
 // genBulk streams o.size-byte messages client→backend on o.conns
-// connections; the backend acks what it received, so the rate is measured
-// at the receiver, not at the sender (sockmap accepts bytes it has only
-// parked).
+// connections. The rate is what the backends read (their counter, read on
+// the stats port), not what the sender wrote: sockmap accepts bytes it has
+// only parked. The backends also ack every MiB over the connection; the
+// acks' rate shows whether the reverse direction keeps up.
 func genBulk(o genOpts) (Result, error) {
 	r := Result{Test: "bulk", Conns: o.conns, Size: o.size}
-	conns, brs, err := dialAll(o.addr, "/sink", o.conns)
+	st, err := dialStats(o.stats)
+	if err != nil {
+		return r, err
+	}
+	defer st.c.Close()
+	tag := newTag()
+	conns, brs, err := dialAll(o.addr, "/sink?tag="+tag, o.conns)
 	if err != nil {
 		return r, err
 	}
@@ -289,10 +335,12 @@ func genBulk(o genOpts) (Result, error) {
 	time.Sleep(o.warm)
 	w := window{pids: o.pids}
 	w.start()
-	b0 := sum()
+	a0 := sum()
+	b0, err0 := st.read(tag)
 	phase.Store(phaseMeasure)
 	time.Sleep(o.dur)
-	b1 := sum()
+	b1, err1 := st.read(tag)
+	a1 := sum()
 	w.stop()
 	phase.Store(phaseStop)
 	for _, c := range conns {
@@ -300,10 +348,15 @@ func genBulk(o genOpts) (Result, error) {
 		c.Close()
 	}
 	wg.Wait()
+	if err := errors.Join(err0, err1); err != nil {
+		return r, err
+	}
 	w.fill(&r)
 	r.Errors = int(errs.Load())
 	r.Bytes = int64(b1 - b0)
 	r.MBps = float64(r.Bytes) / 1e6 / r.DurS
+	r.AckedBytes = int64(a1 - a0)
+	r.AckMBps = float64(r.AckedBytes) / 1e6 / r.DurS
 	if r.Bytes > 0 {
 		r.CPUMsPerMB = r.CPUBusyS * 1e3 / (float64(r.Bytes) / 1e6)
 		r.CPUAttrMsPerMB = r.CPUAttrS * 1e3 / (float64(r.Bytes) / 1e6)
@@ -413,14 +466,13 @@ func genSlow(o genOpts) (Result, error) {
 	r := Result{Test: "slow", Conns: 1, Size: o.size}
 	m0 := readMem()
 	rss0 := rssBytes(o.proxy)
-	rep, err := os.CreateTemp("", "wsplice-bench-slow-")
+	st, err := dialStats(o.stats)
 	if err != nil {
 		return r, err
 	}
-	rep.Close()
-	os.Remove(rep.Name())
-	defer os.Remove(rep.Name())
-	path := fmt.Sprintf("/slow?rate=%d&dur=%s&report=%s", o.rate, o.dur, url.QueryEscape(rep.Name()))
+	defer st.c.Close()
+	tag := newTag()
+	path := fmt.Sprintf("/slow?rate=%d&dur=%s&tag=%s", o.rate, o.dur, tag)
 	conns, brs, err := dialAll(o.addr, path, 1)
 	if err != nil {
 		return r, err
@@ -477,12 +529,8 @@ func genSlow(o genOpts) (Result, error) {
 	}
 	r.RecoverS = time.Since(t).Seconds()
 	// What the reader really read (the acks may be held by the proxy).
-	for range 60 {
-		if b, err := os.ReadFile(rep.Name()); err == nil && len(b) > 0 {
-			r.ReadBytes, _ = strconv.ParseInt(string(b), 10, 64)
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
+	if n, err := st.read(tag); err == nil {
+		r.ReadBytes = int64(n)
 	}
 	w.fill(&r)
 	r.PeakAvailDelta = m0.Available - minAvail

@@ -46,6 +46,7 @@ func defaultPlan(quick bool) plan {
 
 // spec is one interleaved test.
 type spec struct {
+	name  string
 	test  string
 	conns int
 	size  int
@@ -53,11 +54,11 @@ type spec struct {
 }
 
 var specs = []spec{
-	{"echo", 1, 64, false},
-	{"echo", 100, 64, false},
-	{"bulk", 1, 64 << 10, true},
-	{"bulk", 8, 64 << 10, true},
-	{"hs", 0, 0, false}, // conns = plan.hsConc
+	{"echo1", "echo", 1, 64, false},
+	{"echo100", "echo", 100, 64, false},
+	{"bulk1", "bulk", 1, 64 << 10, true},
+	{"bulk8", "bulk", 8, 64 << 10, true},
+	{"hs", "hs", 0, 0, false}, // conns = plan.hsConc
 }
 
 // slowTargets take part in the slow-reader test (issue #15: demotion vs
@@ -71,9 +72,11 @@ type harness struct {
 	mdPath   string
 	wsplice  string
 	only     map[string]bool
+	tests    map[string]bool
 	genCPU   string
 	proxyCPU string
 	backPID  int
+	stats    string
 	out      *os.File
 	results  []Result
 	waited   time.Duration
@@ -118,12 +121,13 @@ func (h *harness) run(ctx context.Context) error {
 	} else if s.wsplice, err = buildWsplice(dir); err != nil {
 		h.logf("wsplice targets skipped: %v", err)
 	}
-	bcmd, backends, stopBackends, err := startBackends(2)
+	bcmd, backends, stats, stopBackends, err := startBackends(2)
 	if err != nil {
 		return err
 	}
 	defer stopBackends()
 	h.backPID = bcmd.Process.Pid
+	h.stats = stats
 	s.backends = backends
 	h.logf("echo backends on %s (pid %d)", strings.Join(backends, ", "), h.backPID)
 
@@ -153,6 +157,9 @@ func (h *harness) run(ctx context.Context) error {
 
 	for round := 1; round <= h.plan.rounds; round++ {
 		for _, sp := range specs {
+			if !h.want(sp.name) {
+				continue
+			}
 			order := h.rotated(round)
 			for _, t := range order {
 				if t.Skip != "" || (t.BulkOnly && !sp.bulk) {
@@ -165,7 +172,7 @@ func (h *harness) run(ctx context.Context) error {
 			}
 		}
 	}
-	for round := 1; round <= h.plan.idleRounds; round++ {
+	for round := 1; round <= h.plan.idleRounds && h.want("idle"); round++ {
 		for _, t := range h.rotated(round) {
 			if t.Skip != "" || t.BulkOnly {
 				continue
@@ -177,7 +184,7 @@ func (h *harness) run(ctx context.Context) error {
 		}
 	}
 	for _, t := range h.targets {
-		if t.Skip != "" || !slowTargets[t.Name] {
+		if t.Skip != "" || !slowTargets[t.Name] || !h.want("slow") {
 			continue
 		}
 		if ctx.Err() != nil {
@@ -201,6 +208,9 @@ func (h *harness) run(ctx context.Context) error {
 	h.logf("done in %s; %d measurements in %s", elapsed.Round(time.Second), len(h.results), h.outPath)
 	return nil
 }
+
+// want reports whether test name was selected (-tests).
+func (h *harness) want(name string) bool { return h.tests == nil || h.tests[name] }
 
 func (h *harness) find(name string) *target {
 	for _, t := range h.targets {
@@ -285,7 +295,7 @@ func (h *harness) interleaved(round int, sp spec, t *target) {
 		conns = h.plan.hsConc
 	}
 	args := []string{"-test", sp.test, "-addr", t.Addr, "-conns", strconv.Itoa(conns), "-size", strconv.Itoa(sp.size),
-		"-dur", h.plan.dur.String(), "-warm", h.plan.warm.String(), "-pids", h.pids(t)}
+		"-dur", h.plan.dur.String(), "-warm", h.plan.warm.String(), "-pids", h.pids(t), "-stats", h.stats}
 	r, err := h.gen(h.plan.dur+60*time.Second, args...)
 	if err != nil {
 		r = Result{Test: sp.test, Conns: conns, Size: sp.size, Errors: 1, Note: "run failed: " + err.Error()}
@@ -297,8 +307,8 @@ func (h *harness) interleaved(round int, sp spec, t *target) {
 		h.logf("r%d %-20s echo  %3d conns: %8.0f msg/s p50 %6.1fµs p99 %7.1fµs p999 %7.1fµs  errors %d bg %.0f%% %s",
 			round, t.Name, conns, r.MsgsPerS, r.P50us, r.P99us, r.P999us, r.Errors, bg*100, r.Note)
 	case "bulk":
-		h.logf("r%d %-20s bulk  %3d conns: %8.0f MB/s cpu %.2f ms/MB (attributed %.2f)  errors %d bg %.0f%% %s",
-			round, t.Name, conns, r.MBps, r.CPUMsPerMB, r.CPUAttrMsPerMB, r.Errors, bg*100, r.Note)
+		h.logf("r%d %-20s bulk  %3d conns: %8.0f MB/s (acks %6.0f MB/s) cpu %.2f ms/MB (attributed %.2f)  errors %d bg %.0f%% %s",
+			round, t.Name, conns, r.MBps, r.AckMBps, r.CPUMsPerMB, r.CPUAttrMsPerMB, r.Errors, bg*100, r.Note)
 	case "hs":
 		h.logf("r%d %-20s hs    %3d conc:  %8.0f hs/s p50 %.2fms p99 %.2fms cpu %.0f µs/hs  errors %d bg %.0f%% %s",
 			round, t.Name, conns, r.HsPerS, r.HsP50ms, r.HsP99ms, r.CPUUsPerHs, r.Errors, bg*100, r.Note)
@@ -396,7 +406,7 @@ func (h *harness) slow(t *target) {
 	bg, waited, noisy := h.quiet()
 	args := []string{"-test", "slow", "-addr", t.Addr, "-size", strconv.Itoa(64 << 10), "-dur", h.plan.slowDur.String(),
 		"-rate", strconv.FormatInt(h.plan.slowRate, 10), "-cap", strconv.FormatInt(h.plan.slowCap, 10),
-		"-proxy", strconv.Itoa(t.PID()), "-pids", h.pids(t)}
+		"-proxy", strconv.Itoa(t.PID()), "-pids", h.pids(t), "-stats", h.stats}
 	r, err := h.gen(h.plan.slowDur+60*time.Second, args...)
 	if err != nil {
 		r = Result{Test: "slow", Conns: 1, Errors: 1, Note: "run failed: " + err.Error()}

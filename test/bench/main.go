@@ -42,8 +42,11 @@ type Result struct {
 	Noisy   bool    `json:"noisy,omitempty"`
 	// MachineBusy is the machine's busy share during the run.
 	MachineBusy float64 `json:"machine_busy,omitempty"`
-	Errors      int     `json:"errors"`
-	Note        string  `json:"note,omitempty"`
+	// OtherLoad estimates the share of the machine used by processes that
+	// are not part of the run, during the run (busy minus attributed).
+	OtherLoad float64 `json:"other_load,omitempty"`
+	Errors    int     `json:"errors"`
+	Note      string  `json:"note,omitempty"`
 
 	Msgs     int64   `json:"msgs,omitempty"`
 	MsgsPerS float64 `json:"msgs_per_s,omitempty"`
@@ -51,8 +54,11 @@ type Result struct {
 	P99us    float64 `json:"p99_us,omitempty"`
 	P999us   float64 `json:"p999_us,omitempty"`
 
-	Bytes int64   `json:"bytes,omitempty"`
-	MBps  float64 `json:"mb_per_s,omitempty"`
+	// Bytes is what the backends read in the window; AckMBps is the rate
+	// of the acks that came back over the reverse direction.
+	Bytes   int64   `json:"bytes,omitempty"`
+	MBps    float64 `json:"mb_per_s,omitempty"`
+	AckMBps float64 `json:"ack_mb_per_s,omitempty"`
 
 	Handshakes int64   `json:"handshakes,omitempty"`
 	HsPerS     float64 `json:"hs_per_s,omitempty"`
@@ -106,6 +112,7 @@ func run() error {
 		dur     = flag.Duration("dur", 0, "measurement window per run (default 2.5s, quick 1s)")
 		idleN   = flag.Int("idle", 0, "idle connections per target (default 8000, quick 1000)")
 		busyMax = flag.Float64("busy", 0.25, "background busy share of the machine above which a run waits and retries")
+		tests   = flag.String("tests", "", "comma-separated tests to run: echo1, echo100, bulk1, bulk8, hs, idle, slow (default: all)")
 		wsBin   = flag.String("wsplice", "", "agent binary (default: go build ./cmd/wsplice into a temporary directory)")
 
 		// Internal flags of the re-executed roles.
@@ -119,6 +126,7 @@ func run() error {
 		rate  = flag.Int64("rate", 1<<20, "gen slow: reader bytes/s")
 		capB  = flag.Int64("cap", 1<<30, "gen slow: most bytes the sender pushes")
 		proxy = flag.Int("proxy", 0, "gen slow: proxy PID for RSS")
+		stats = flag.String("stats", "", "gen: the backends' stats address")
 	)
 	flag.Parse()
 	switch *role {
@@ -134,7 +142,7 @@ func run() error {
 			}
 		}
 		return runGen(genOpts{test: *test, addr: *addr, conns: *conns, size: *size, dur: *dur, warm: *warm,
-			pids: ps, rate: *rate, cap: *capB, proxy: *proxy})
+			pids: ps, rate: *rate, cap: *capB, proxy: *proxy, stats: *stats})
 	case "":
 	default:
 		return fmt.Errorf("unknown role %q", *role)
@@ -155,6 +163,12 @@ func run() error {
 	defer cancel()
 	bgCtx = ctx
 	h := &harness{plan: p, pin: *pin, outPath: *out, mdPath: *md, wsplice: *wsBin}
+	if *tests != "" {
+		h.tests = map[string]bool{}
+		for _, s := range strings.Split(*tests, ",") {
+			h.tests[strings.TrimSpace(s)] = true
+		}
+	}
 	if *only != "" {
 		h.only = map[string]bool{}
 		for _, s := range strings.Split(*only, ",") {

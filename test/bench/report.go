@@ -145,6 +145,7 @@ func (h *harness) report(elapsed time.Duration) string {
 	p99 := func(r Result) float64 { return r.P99us }
 	p999 := func(r Result) float64 { return r.P999us }
 	mbps := func(r Result) float64 { return r.MBps }
+	ackMB := func(r Result) float64 { return r.AckMBps }
 	cpuMB := func(r Result) float64 { return r.CPUMsPerMB }
 	cpuAttrMB := func(r Result) float64 { return r.CPUAttrMsPerMB }
 	hsps := func(r Result) float64 { return r.HsPerS }
@@ -172,12 +173,14 @@ func (h *harness) report(elapsed time.Duration) string {
 			num(med(n, "echo", 100, msgs), 0), lat(med(n, "echo", 100, p50)), lat(med(n, "echo", 100, p99)), lat(med(n, "echo", 100, p999)))
 	}
 	b.WriteString("\n### Bulk: 64 KiB messages client → backend, rate counted at the receiver (MB = 10⁶ bytes)\n\n")
-	t.head("target", "1 conn MB/s", "8 conns MB/s", "CPU ms/MB = s/GB, 8 conns (whole machine)", "same, attributed", "CPU ms/MB, 1 conn (whole machine)")
+	t.head("target", "1 conn MB/s", "8 conns MB/s", "CPU ms/MB = s/GB, 8 conns (whole machine)", "same, attributed", "CPU ms/MB, 1 conn (whole machine)", "acks back, 1 conn MB/s")
 	for _, tg := range live(true) {
 		n := tg.Name
 		t.row(n+errs(n, "bulk"), num(med(n, "bulk", 1, mbps), 0), num(med(n, "bulk", 8, mbps), 0),
-			num(med(n, "bulk", 8, cpuMB), 2), num(med(n, "bulk", 8, cpuAttrMB), 2), num(med(n, "bulk", 1, cpuMB), 2))
+			num(med(n, "bulk", 8, cpuMB), 2), num(med(n, "bulk", 8, cpuAttrMB), 2), num(med(n, "bulk", 1, cpuMB), 2), num(med(n, "bulk", 1, ackMB), 0))
 	}
+	b.WriteString("\nThe rate is what the backends read (their own counter). The backend also acks every MiB back over the same connection; " +
+		"the last column is the rate at which those acks arrived, i.e. whether the reverse direction kept moving.\n")
 	fmt.Fprintf(&b, "\n### Handshakes: connect, upgrade, close handshake, server FIN (%d concurrent)\n\n", p.hsConc)
 	t.head("target", "handshakes/s", "p50 ms", "p99 ms", "CPU µs/handshake (whole machine)", "same, attributed")
 	for _, tg := range live(false) {

@@ -328,20 +328,21 @@ backend be
 
 // startBackends starts the echo backend subprocess (not pinned: it shares
 // the machine with whichever side is less busy, the same for every target).
-func startBackends(n int) (*exec.Cmd, []string, func(), error) {
+// It returns the backend addresses and the stats address.
+func startBackends(n int) (*exec.Cmd, []string, string, func(), error) {
 	cmd := exec.Command(selfExe(), "-role", "backend", "-n", strconv.Itoa(n))
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, "", nil, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, "", nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, "", nil, err
 	}
 	stop := func() {
 		stdin.Close()
@@ -358,12 +359,12 @@ func startBackends(n int) (*exec.Cmd, []string, func(), error) {
 	n2, err := stdout.Read(line)
 	if err != nil {
 		stop()
-		return nil, nil, nil, fmt.Errorf("backends: %w", err)
+		return nil, nil, "", nil, fmt.Errorf("backends: %w", err)
 	}
 	f := strings.Fields(string(line[:n2]))
-	if len(f) < 2 || f[0] != "ready" {
+	if len(f) < 3 || f[0] != "ready" {
 		stop()
-		return nil, nil, nil, fmt.Errorf("backends said %q", string(line[:n2]))
+		return nil, nil, "", nil, fmt.Errorf("backends said %q", string(line[:n2]))
 	}
-	return cmd, f[1:], stop, nil
+	return cmd, f[2:], f[1], stop, nil
 }
