@@ -130,7 +130,11 @@ func (s *Splice) Pipes() (idle, total int) { return s.pipes.spCounts() }
 // Any *net.TCPConn works, including one made by net.FileConn from a
 // descriptor handed over by another plane. Deadlines on the sockets are
 // cleared. On error the caller still owns the sockets and Done is not called.
-func (s *Splice) Start(c *Conn) error {
+func (s *Splice) Start(c *Conn) error { return s.spBegin(c, nil) }
+
+// spBegin is Start, and Adopt when st (a connection detached by another
+// agent, splice_handoff.go) is set.
+func (s *Splice) spBegin(c *Conn, st *spHandoffState) error {
 	if c == nil || c.Client == nil || c.Backend == nil {
 		return errors.New("splice: connection needs a client and a backend socket")
 	}
@@ -156,6 +160,9 @@ func (s *Splice) Start(c *Conn) error {
 	sc.c2b.spInit(sc, spClient, c.Client, crc, c.Backend, brc)
 	sc.b2c.spInit(sc, spBackend, c.Backend, brc, c.Client, crc)
 	sc.alive.Store(2)
+	if st != nil {
+		st.spApply(sc)
+	}
 
 	s.mu.Lock()
 	if s.closed {
@@ -172,7 +179,7 @@ func (s *Splice) Start(c *Conn) error {
 
 	if c.IdleTimeout > 0 {
 		sc.mu.Lock()
-		sc.timer = time.AfterFunc(c.IdleTimeout, sc.spIdleCheck)
+		sc.timer = time.AfterFunc(sc.spIdleLeft(), sc.spIdleCheck)
 		sc.mu.Unlock()
 	}
 	go sc.c2b.spRun()
@@ -274,6 +281,7 @@ type spliceConn struct {
 	alive           atomic.Int32 // direction goroutines still running
 	closeOnce       sync.Once
 	finished        atomic.Bool
+	ho              *spDetach // set (under mu) while Detach takes the connection off the plane
 
 	mu       sync.Mutex
 	timer    *time.Timer
@@ -383,6 +391,9 @@ func (sc *spliceConn) spExit() {
 	if sc.alive.Add(-1) != 0 {
 		return
 	}
+	if sc.spExitDetached() { // handed over: not closed, no Done (splice_handoff.go)
+		return
+	}
 	// Every exit path closed the sockets or settled a reason that did; make
 	// sure, and wait for a close still in progress on another goroutine.
 	sc.mu.Lock()
@@ -416,6 +427,7 @@ func (sc *spliceConn) spExit() {
 	if sc.c.Done != nil {
 		sc.c.Done(res)
 	}
+	sc.spDetachSettled()
 	s.wg.Done()
 }
 
@@ -439,6 +451,8 @@ type spDir struct {
 	werr     error // error writing the destination (its side reset)
 	local    error // local failure (no pipe): ReasonError
 	perr     error // the poller's error (net.ErrClosed after a teardown)
+	pending  []byte // hand-off: read from the source by another agent, written first
+	eofSent  bool   // the source's EOF was passed on (CloseWrite on dst)
 
 	// Method values bound once so that waiting on the poller does not
 	// allocate a closure per event.
@@ -489,6 +503,9 @@ const spFlags = unix.SPLICE_F_NONBLOCK | unix.SPLICE_F_MOVE
 // paths (errors, EOF, fallback) live in spEnd.
 func (d *spDir) spRun() {
 	defer d.sc.spExit()
+	if !d.spResume() {
+		return
+	}
 	for {
 		for d.spMove() {
 		}
@@ -515,6 +532,9 @@ func (d *spDir) spMove() bool {
 	if d.perr == nil && d.rerr == nil && d.local == nil && d.spHeld() > 0 {
 		d.perr = d.dstRC.Write(writeFn)
 	}
+	if d.perr != nil && d.spHeld() > 0 {
+		d.spKeepHeld() // a Detach stopped the write: the bytes go with the connection
+	}
 	d.spRelease()
 	return d.perr == nil && d.rerr == nil && d.werr == nil && d.local == nil && !d.eof
 }
@@ -530,6 +550,8 @@ const (
 func (d *spDir) spEnd() int {
 	sc := d.sc
 	switch {
+	case d.perr != nil && d.sc.spDetaching(d.perr):
+		// Detach set a deadline: stop here, the sockets stay open.
 	case d.perr != nil:
 		// net.ErrClosed after a teardown (a no-op: the reason is
 		// settled) or a poller failure.
@@ -558,6 +580,7 @@ func (d *spDir) spEnd() int {
 			sc.spAbort(d.to.reset(), nil, true)
 			return spStop
 		}
+		d.eofSent = true
 		sc.spDirDone()
 		return spWatchSrc
 	}
@@ -693,6 +716,7 @@ func (d *spDir) spWatch() {
 	d.rerr = nil
 	err := d.srcRC.Read(d.watchFn)
 	switch {
+	case err != nil && d.sc.spDetaching(err):
 	case err != nil:
 		d.sc.spAbort(ReasonError, fmt.Errorf("splice: watching %s socket: %w", d.from, err), true)
 	case d.rerr != nil:
