@@ -447,10 +447,10 @@ type spDir struct {
 	bufOff   int
 	bufN     int
 	eof      bool
-	rerr     error // error reading the source (its side reset)
-	werr     error // error writing the destination (its side reset)
-	local    error // local failure (no pipe): ReasonError
-	perr     error // the poller's error (net.ErrClosed after a teardown)
+	rerr     error  // error reading the source (its side reset)
+	werr     error  // error writing the destination (its side reset)
+	local    error  // local failure (no pipe): ReasonError
+	perr     error  // the poller's error (net.ErrClosed after a teardown)
 	pending  []byte // hand-off: read from the source by another agent, written first
 	eofSent  bool   // the source's EOF was passed on (CloseWrite on dst)
 
