@@ -433,18 +433,26 @@ func (d *copyDir) other() cpSide { return 1 - d.from }
 
 func (d *copyDir) run() {
 	defer d.cc.exit()
-	buffered := d.src != d.rawSrc // a TLS stack may hold records already read
+	// A TLS stack may hold records it has already read from the socket:
+	// the handshake code read the request or response head through it,
+	// and the bytes the peer sent right behind may be waiting there with
+	// nothing left in the socket to wake the poller. Drain them first.
+	buffered := d.src != d.rawSrc
+	first := buffered
 	for {
-		if err := d.waitReadable(); err != nil {
-			d.cc.abort(d.from.failed(err), nil, true)
-			return
+		if !first {
+			if err := d.waitReadable(); err != nil {
+				d.cc.abort(d.from.failed(err), nil, true)
+				return
+			}
 		}
 		bp := d.cc.p.bufs.Get().(*[]byte)
-		done := d.move(*bp, buffered)
+		done := d.move(*bp, buffered, first)
 		d.cc.p.bufs.Put(bp)
 		if done {
 			return
 		}
+		first = false
 	}
 }
 
@@ -472,9 +480,14 @@ func (d *copyDir) waitReadable() error {
 }
 
 // move reads what is available into buf and writes it on, until the
-// source would block. It returns true when the direction is over.
-func (d *copyDir) move(buf []byte, buffered bool) bool {
+// source would block. With drainOnly it reads only what a TLS stack holds
+// already. It returns true when the direction is over.
+func (d *copyDir) move(buf []byte, buffered, drainOnly bool) bool {
 	drain := false
+	if drainOnly {
+		drain = true
+		_ = d.src.SetReadDeadline(time.Unix(1, 0))
+	}
 	defer func() {
 		if drain {
 			_ = d.src.SetReadDeadline(time.Time{})

@@ -371,3 +371,33 @@ func TestCopyClose(t *testing.T) {
 		t.Fatal("Start after Close")
 	}
 }
+
+// TestCopyBufferedTLS: records the TLS stack read from the socket before
+// the hand-off (behind a request head, say) are forwarded at once, although
+// the socket has nothing left to wake the poller.
+func TestCopyBufferedTLS(t *testing.T) {
+	p := NewCopy(CopyOptions{})
+	defer p.Close()
+	ln := cpListen(t)
+	cli, agentC := cpPair(t, ln)
+	agentB, be := cpPair(t, ln)
+	defer cli.Close()
+	defer be.Close()
+	tc, ts := handshakePair(t, cli, agentC)
+	tc.Write([]byte("head"))
+	tc.Write([]byte("frame behind the head"))
+	time.Sleep(50 * time.Millisecond) // both records in the socket
+	head := make([]byte, 4)
+	ts.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(ts, head); err != nil || string(head) != "head" {
+		t.Fatalf("head %q %v", head, err)
+	}
+	if err := p.StartStreams(&CopyConn{ID: 1, Client: ts, Backend: agentB, Done: func(Result) {}}); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len("frame behind the head"))
+	be.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.ReadFull(be, got); err != nil || string(got) != "frame behind the head" {
+		t.Fatalf("backend got %q, %v", got, err)
+	}
+}
