@@ -82,7 +82,9 @@ type Result struct {
 	RSSPerConn   float64 `json:"rss_per_conn,omitempty"`
 	SlabPerConn  float64 `json:"slab_per_conn,omitempty"`
 	UnrecPerConn float64 `json:"sunreclaim_per_conn,omitempty"`
-	AvailPerConn float64 `json:"avail_per_conn,omitempty"`
+	// SlabObjsPerConn counts slab objects in use (/proc/slabinfo).
+	SlabObjsPerConn float64 `json:"slab_objs_per_conn,omitempty"`
+	AvailPerConn    float64 `json:"avail_per_conn,omitempty"`
 
 	SentBytes      int64   `json:"sent_bytes,omitempty"`
 	AckedBytes     int64   `json:"acked_bytes,omitempty"` // acks the client got by the end of the window

@@ -20,7 +20,7 @@ func (h *harness) median(target, test string, conns int, metric func(Result) flo
 			continue
 		}
 		x := metric(r)
-		if x == 0 || math.IsNaN(x) {
+		if math.IsNaN(x) {
 			continue
 		}
 		v = append(v, x)
@@ -140,23 +140,63 @@ func (h *harness) report(elapsed time.Duration) string {
 		return out
 	}
 	med := func(tg, test string, conns int, f func(Result) float64) float64 { return h.median(tg, test, conns, f) }
+	nan := math.NaN()
+	// Each getter says NaN where the run has nothing to say (no messages,
+	// no bytes, no connections); a real zero stays a zero.
 	msgs := func(r Result) float64 { return r.MsgsPerS }
-	p50 := func(r Result) float64 { return r.P50us }
-	p99 := func(r Result) float64 { return r.P99us }
-	p999 := func(r Result) float64 { return r.P999us }
+	lq := func(f func(Result) float64) func(Result) float64 {
+		return func(r Result) float64 {
+			if r.Msgs == 0 {
+				return nan
+			}
+			return f(r)
+		}
+	}
+	p50 := lq(func(r Result) float64 { return r.P50us })
+	p99 := lq(func(r Result) float64 { return r.P99us })
+	p999 := lq(func(r Result) float64 { return r.P999us })
 	mbps := func(r Result) float64 { return r.MBps }
 	ackMB := func(r Result) float64 { return r.AckMBps }
-	cpuMB := func(r Result) float64 { return r.CPUMsPerMB }
-	cpuAttrMB := func(r Result) float64 { return r.CPUAttrMsPerMB }
+	perMB := func(f func(Result) float64) func(Result) float64 {
+		return func(r Result) float64 {
+			if r.Bytes == 0 {
+				return nan
+			}
+			return f(r)
+		}
+	}
+	cpuMB := perMB(func(r Result) float64 { return r.CPUMsPerMB })
+	cpuAttrMB := perMB(func(r Result) float64 { return r.CPUAttrMsPerMB })
 	hsps := func(r Result) float64 { return r.HsPerS }
-	hs50 := func(r Result) float64 { return r.HsP50ms }
-	hs99 := func(r Result) float64 { return r.HsP99ms }
-	cpuHs := func(r Result) float64 { return r.CPUUsPerHs }
-	cpuAttrHs := func(r Result) float64 { return r.CPUAttrUsPerHs }
-	rssConn := func(r Result) float64 { return r.RSSPerConn }
-	slabConn := func(r Result) float64 { return r.SlabPerConn }
-	unrecConn := func(r Result) float64 { return r.UnrecPerConn }
-	availConn := func(r Result) float64 { return r.AvailPerConn }
+	perHs := func(f func(Result) float64) func(Result) float64 {
+		return func(r Result) float64 {
+			if r.Handshakes == 0 {
+				return nan
+			}
+			return f(r)
+		}
+	}
+	hs50 := perHs(func(r Result) float64 { return r.HsP50ms })
+	hs99 := perHs(func(r Result) float64 { return r.HsP99ms })
+	cpuHs := perHs(func(r Result) float64 { return r.CPUUsPerHs })
+	cpuAttrHs := perHs(func(r Result) float64 { return r.CPUAttrUsPerHs })
+	perConn := func(f func(Result) float64) func(Result) float64 {
+		return func(r Result) float64 {
+			if r.IdleConns == 0 {
+				return nan
+			}
+			return f(r)
+		}
+	}
+	rssConn := perConn(func(r Result) float64 {
+		if r.RSSBefore == 0 { // direct: no proxy process
+			return nan
+		}
+		return r.RSSPerConn
+	})
+	objsConn := perConn(func(r Result) float64 { return r.SlabObjsPerConn })
+	unrecConn := perConn(func(r Result) float64 { return r.UnrecPerConn })
+	availConn := perConn(func(r Result) float64 { return r.AvailPerConn })
 	idleN := func(r Result) float64 { return float64(r.IdleConns) }
 	errs := func(tg, test string) string {
 		if n := h.errorsOf(tg, test); n > 0 {
@@ -189,8 +229,8 @@ func (h *harness) report(elapsed time.Duration) string {
 			num(med(n, "hs", 0, cpuHs), 0), num(med(n, "hs", 0, cpuAttrHs), 0))
 	}
 	fmt.Fprintf(&b, "\n### Idle connections: %d held from a separate process (bytes per connection)\n\n", p.idleConns)
-	t.head("target", "connections", "proxy RSS", "kernel: SUnreclaim", "kernel: Slab", "kernel: MemAvailable drop", "SUnreclaim above direct")
-	dUnrec := med("direct", "idle", 0, unrecConn)
+	t.head("target", "connections", "proxy RSS", "kernel: slab objects in use", "above direct", "kernel: SUnreclaim", "kernel: MemAvailable drop")
+	dObjs := med("direct", "idle", 0, objsConn)
 	for _, tg := range live(false) {
 		n := tg.Name
 		rss := num(med(n, "idle", 0, rssConn), 0)
@@ -198,12 +238,16 @@ func (h *harness) report(elapsed time.Duration) string {
 			rss = "n/a"
 		}
 		above := "—"
-		if n != "direct" && !math.IsNaN(dUnrec) {
-			above = num(med(n, "idle", 0, unrecConn)-dUnrec, 0)
+		if n != "direct" && !math.IsNaN(dObjs) {
+			above = num(med(n, "idle", 0, objsConn)-dObjs, 0)
 		}
-		t.row(n+errs(n, "idle"), num(med(n, "idle", 0, idleN), 0), rss, num(med(n, "idle", 0, unrecConn), 0), num(med(n, "idle", 0, slabConn), 0),
-			num(med(n, "idle", 0, availConn), 0), above)
+		t.row(n+errs(n, "idle"), num(med(n, "idle", 0, idleN), 0), rss, num(med(n, "idle", 0, objsConn), 0), above,
+			num(med(n, "idle", 0, unrecConn), 0), num(med(n, "idle", 0, availConn), 0))
 	}
+	b.WriteString("\nProxy RSS is VmRSS (nginx: master + workers) with the connections open minus before, measured first, while each proxy is fresh. " +
+		"Kernel memory is the whole machine's, so it includes the client's and the backend's sockets (direct shows that part alone); " +
+		"\"slab objects in use\" is Σ active objects × object size from /proc/slabinfo (without proc_inode_cache), SUnreclaim and MemAvailable come from /proc/meminfo " +
+		"(MemAvailable moves with everything else on a shared machine). Every figure is (with − before) ÷ connections.\n")
 	var slowRows []*target
 	for _, tg := range live(true) {
 		if slowTargets[tg.Name] {
@@ -239,7 +283,7 @@ func (h *harness) report(elapsed time.Duration) string {
 
 	b.WriteString("\n### Ratios (medians; ×direct and ×nginx; for p99, CPU and memory lower is better)\n\n")
 	t.head("target", "echo-100 msg/s ×direct", "×nginx", "echo-100 p99 ×direct", "×nginx", "bulk-8 MB/s ×direct", "×nginx",
-		"bulk-8 CPU/MB ×direct", "×nginx", "handshakes/s ×direct", "×nginx", "idle RSS/conn ×nginx", "idle SUnreclaim/conn ×direct")
+		"bulk-8 CPU/MB ×direct", "×nginx", "handshakes/s ×direct", "×nginx", "idle RSS/conn ×nginx", "idle kernel/conn ×direct")
 	for _, tg := range live(true) {
 		n := tg.Name
 		rr := func(test string, conns int, f func(Result) float64, base string) string {
@@ -247,7 +291,7 @@ func (h *harness) report(elapsed time.Duration) string {
 		}
 		t.row(n, rr("echo", 100, msgs, "direct"), rr("echo", 100, msgs, "nginx"), rr("echo", 100, p99, "direct"), rr("echo", 100, p99, "nginx"),
 			rr("bulk", 8, mbps, "direct"), rr("bulk", 8, mbps, "nginx"), rr("bulk", 8, cpuMB, "direct"), rr("bulk", 8, cpuMB, "nginx"),
-			rr("hs", 0, hsps, "direct"), rr("hs", 0, hsps, "nginx"), rr("idle", 0, rssConn, "nginx"), rr("idle", 0, unrecConn, "direct"))
+			rr("hs", 0, hsps, "direct"), rr("hs", 0, hsps, "nginx"), rr("idle", 0, rssConn, "nginx"), rr("idle", 0, objsConn, "direct"))
 	}
 
 	b.WriteString("\n### Targets from the issues, checked against this run\n\n")

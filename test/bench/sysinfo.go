@@ -51,12 +51,6 @@ func (c cpuStat) total() uint64 {
 // busySeconds between a and b.
 func busySeconds(a, b cpuStat) float64 { return float64(b.busy()-a.busy()) / clkTck }
 
-// irqSeconds is time in hard and soft interrupt context between a and b
-// (loopback's receive path runs there, charged to no process).
-func irqSeconds(a, b cpuStat) float64 {
-	return float64((b.irq+b.softirq)-(a.irq+a.softirq)) / clkTck
-}
-
 // busyFraction is the share of the whole machine busy between a and b.
 func busyFraction(a, b cpuStat) float64 {
 	t := b.total() - a.total()
@@ -141,13 +135,40 @@ func attributedJiffies(roots []int) uint64 {
 	return sum
 }
 
-// memInfo is the part of /proc/meminfo the benchmark uses, in bytes.
+// memInfo is the part of /proc/meminfo the benchmark uses, in bytes, and
+// the bytes of slab objects in use (/proc/slabinfo: active objects × object
+// size; unlike Slab it does not keep counting pages the caches hold on to).
 type memInfo struct {
-	Available, Slab, SUnreclaim int64
+	Available, Slab, SUnreclaim, SlabObjs int64
+}
+
+// slabObjects sums active_objs × objsize over /proc/slabinfo (root only; 0
+// when unreadable), leaving out proc_inode_cache: whatever on the machine
+// walks /proc/PID/fd (monitoring, other tests) adds one /proc inode per
+// socket there, which is not memory the connection needs.
+func slabObjects() int64 {
+	b, err := os.ReadFile("/proc/slabinfo")
+	if err != nil {
+		return 0
+	}
+	var sum int64
+	for _, l := range strings.Split(string(b), "\n") {
+		if l == "" || l[0] == '#' || strings.HasPrefix(l, "slabinfo") {
+			continue
+		}
+		f := strings.Fields(l)
+		if len(f) < 4 || f[0] == "proc_inode_cache" {
+			continue
+		}
+		active, _ := strconv.ParseInt(f[1], 10, 64)
+		size, _ := strconv.ParseInt(f[3], 10, 64)
+		sum += active * size
+	}
+	return sum
 }
 
 func readMem() memInfo {
-	var m memInfo
+	m := memInfo{SlabObjs: slabObjects()}
 	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
 		return m

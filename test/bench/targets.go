@@ -178,21 +178,17 @@ func (s *setup) start(t *target) error {
 			t.Skip = "the wsplice binary could not be built"
 			return nil
 		}
-		argv := []string{s.wsplice, "run", "--tune", "off", "--log-level", "warn"}
-		switch t.Name {
-		case "wsplice-sockmap-pure":
-			file := filepath.Join(s.dir, "wsplice-pure.yaml")
-			if err := os.WriteFile(file, []byte(wspliceConfig(t.Addr, s.backends)), 0o644); err != nil {
-				return err
-			}
-			argv = append(argv, "-c", file)
-		default:
-			plane := strings.TrimPrefix(t.Name, "wsplice-")
-			argv = append(argv, "--listen", t.Addr, "--dataplane", plane, "--balance", "round_robin")
-			for _, b := range s.backends {
-				argv = append(argv, "--backend", b)
-			}
+		// A config file per agent: each needs its own admin socket (or
+		// none), or the second agent refuses to start.
+		plane, parked := strings.TrimPrefix(t.Name, "wsplice-"), int64(0)
+		if t.Name == "wsplice-sockmap-pure" {
+			plane, parked = "sockmap", int64(1)<<40
 		}
+		file := filepath.Join(s.dir, t.Name+".yaml")
+		if err := os.WriteFile(file, []byte(wspliceConfig(t.Addr, s.backends, plane, parked)), 0o644); err != nil {
+			return err
+		}
+		argv := []string{s.wsplice, "run", "-c", file}
 		if err := t.startProc(pinned(s.proxyCPU, argv...)); err != nil {
 			return err
 		}
@@ -230,12 +226,17 @@ func (s *setup) start(t *target) error {
 	return t.waitReady(10 * time.Second)
 }
 
-// wspliceConfig is the "pure sockmap" configuration: demotion by parked
-// bytes effectively off (1 TiB), rate trigger off.
-func wspliceConfig(addr string, backends []string) string {
+// wspliceConfig is an agent on one data plane with round robin over the
+// backends, no admin socket and no host tuning. parked > 0 sets
+// sockmap.parked_high_water (1 TiB = "pure sockmap": demotion by parked
+// bytes effectively off; the rate trigger is off by default).
+func wspliceConfig(addr string, backends []string, plane string, parked int64) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "dataplane: sockmap\nsockmap:\n  parked_high_water: %d\n  rate_limit: 0\n", int64(1)<<40)
-	fmt.Fprintf(&b, "tune:\n  mode: \"off\"\nlog:\n  level: warn\n")
+	fmt.Fprintf(&b, "dataplane: %s\n", plane)
+	if parked > 0 {
+		fmt.Fprintf(&b, "sockmap:\n  parked_high_water: %d\n  rate_limit: 0\n", parked)
+	}
+	fmt.Fprintf(&b, "admin:\n  socket: none\ntune:\n  mode: \"off\"\nlog:\n  level: warn\n")
 	fmt.Fprintf(&b, "listeners:\n  - address: %q\n    pool: p\n", addr)
 	fmt.Fprintf(&b, "pools:\n  - name: p\n    balance: round_robin\n    backends:\n")
 	for _, be := range backends {
