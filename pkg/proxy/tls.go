@@ -421,6 +421,29 @@ func (s *Server) startTLS() {
 	go s.watchCertificates()
 }
 
+// liveStore is a certificate store serving an open listener.
+type liveStore struct {
+	store    *tlsterm.Store
+	listener string
+	interval time.Duration
+}
+
+// liveStores returns the stores of the open listeners: the ones serving,
+// whatever a reload that failed half-way may have prepared.
+func (s *Server) liveStores() []liveStore {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []liveStore
+	for _, sk := range s.listeners {
+		l := sk.cur.Load()
+		if l.tls == nil || l.tls.store == nil || l.cfg.TLS == nil {
+			continue
+		}
+		out = append(out, liveStore{l.tls.store, l.cfg.Name, l.cfg.TLS.WatchInterval.D()})
+	}
+	return out
+}
+
 // watchCertificates reloads a listener's certificates when its files
 // change. A file that does not load leaves the previous certificates
 // serving and is logged; it is tried again when a file changes again.
@@ -430,28 +453,20 @@ func (s *Server) watchCertificates() {
 	for !s.draining.Load() {
 		time.Sleep(time.Second) // short, so Shutdown's wait ends soon
 		now := time.Now()
-		st := s.state.Load()
-		s.tls.mu.Lock()
-		stores := make(map[string]*tlsterm.Store, len(s.tls.stores))
-		for a, v := range s.tls.stores {
-			stores[a] = v
-		}
-		s.tls.mu.Unlock()
-		for _, lc := range st.cfg.Listeners {
-			store := stores[lc.Address]
-			if store == nil || lc.TLS == nil || now.Sub(last[store]) < lc.TLS.WatchInterval.D() {
+		for _, ls := range s.liveStores() {
+			if now.Sub(last[ls.store]) < ls.interval {
 				continue
 			}
-			last[store] = now
-			changed, err := store.ReloadIfChanged()
+			last[ls.store] = now
+			changed, err := ls.store.ReloadIfChanged()
 			switch {
 			case !changed:
 			case err != nil:
 				s.tls.reloadFails.Add(1)
-				s.log.Error("certificate files changed but do not load; the previous certificates stay in use", "listener", lc.Name, "err", err)
+				s.log.Error("certificate files changed but do not load; the previous certificates stay in use", "listener", ls.listener, "err", err)
 			default:
 				s.tls.reloads.Add(1)
-				s.log.Info("certificates reloaded", "listener", lc.Name, "certificates", len(store.Certificates()))
+				s.log.Info("certificates reloaded", "listener", ls.listener, "certificates", len(ls.store.Certificates()))
 			}
 		}
 	}
@@ -462,20 +477,15 @@ func (s *Server) watchCertificates() {
 // to reload). A listener whose files do not load keeps its certificates;
 // the error names each one.
 func (s *Server) ReloadCertificates() error {
-	s.tls.mu.Lock()
-	stores := make(map[string]*tlsterm.Store, len(s.tls.stores))
-	for a, v := range s.tls.stores {
-		stores[a] = v
-	}
-	s.tls.mu.Unlock()
 	var errs []error
-	for addr, st := range stores {
-		if err := st.Reload(); err != nil {
+	for _, ls := range s.liveStores() {
+		if err := ls.store.Reload(); err != nil {
 			s.tls.reloadFails.Add(1)
-			errs = append(errs, fmt.Errorf("listener %s: %w (the previous certificates stay in use)", addr, err))
+			errs = append(errs, fmt.Errorf("listener %s: %w (the previous certificates stay in use)", ls.listener, err))
 			continue
 		}
 		s.tls.reloads.Add(1)
+		s.log.Info("certificates reloaded", "listener", ls.listener, "certificates", len(ls.store.Certificates()))
 	}
 	return errors.Join(errs...)
 }
