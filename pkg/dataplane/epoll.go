@@ -54,6 +54,15 @@ func (e *epoller) add(fd int, events uint32, tag uint64) error {
 	return nil
 }
 
+func (e *epoller) mod(fd int, events uint32, tag uint64) error {
+	ev := unix.EpollEvent{Events: events}
+	*(*uint64)(unsafe.Pointer(&ev.Fd)) = tag
+	if err := unix.EpollCtl(e.fd, unix.EPOLL_CTL_MOD, fd, &ev); err != nil {
+		return fmt.Errorf("epoll_ctl mod: %w", err)
+	}
+	return nil
+}
+
 func (e *epoller) del(fd int) {
 	_ = unix.EpollCtl(e.fd, unix.EPOLL_CTL_DEL, fd, nil)
 }

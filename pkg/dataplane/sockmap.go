@@ -89,6 +89,7 @@ type SockmapCounters struct {
 	IterPasses       uint64        // iter/tcp passes run for demotions
 	IterTime         time.Duration // total time of those passes
 	IterRetries      uint64        // demotions that needed another pass (socket not visited)
+	Finished         uint64        // half-closed demotions whose last direction the agent copied itself
 }
 
 // Sockmap is the sockmap data plane: both sockets of a connection join a
@@ -119,6 +120,7 @@ type Sockmap struct {
 	byCookie  map[uint64]*smConn // both sockets of each conn
 	hot       map[*smConn]struct{}
 	urgent    []*smConn // to poll in this loop iteration (FIN seen)
+	copyQ     []*smConn // smFinish conns with bytes left after their budget
 	scanKeys  []uint64  // scan's batch buffers
 	scanVals  []sockmapSockState
 	demoteQ   []*smConn

@@ -38,10 +38,14 @@ type smConn struct {
 	reason   string // demotion reason
 	flags    smFlags
 	phase    smPhase
-	quiet    uint8 // polls in a row with nothing moving and nothing parked
-	stuck    uint8 // polls in a row with bytes parked and no progress (backoff)
-	passes   uint8 // iter/tcp passes this demotion took
-	first    int8  // side whose FIN came first, -1 none
+	quiet    uint8   // polls in a row with nothing moving and nothing parked
+	stuck    uint8   // polls in a row with bytes parked and no progress (backoff)
+	passes   uint8   // iter/tcp passes this demotion took
+	fdir     int8    // smFinish: the side whose bytes the loop copies
+	buf      *[]byte // smFinish only: pooled copy buffer, bufLo..bufHi unsent
+	bufLo    int32
+	bufHi    int32
+	first    int8 // side whose FIN came first, -1 none
 	closeRs  CloseReason
 }
 
@@ -54,6 +58,7 @@ const (
 	smShut1                        // SHUT_WR done on the backend socket
 	smVerdict0                     // client socket is in the verdict map
 	smVerdict1                     // backend socket is in the verdict map
+	smUser                         // demoted and finished by the loop in userspace (smFinish)
 )
 
 func smFin(side int) smFlags     { return smFin0 << side }
@@ -67,6 +72,7 @@ const (
 	smQueued                  // waiting for the next iter/tcp pass
 	smDraining                // out of the verdict map, waiting for parked == 0
 	smClosing                 // FIN both ways once parked == 0 (or 2s)
+	smFinish                  // out of the maps, last open direction copied by the loop
 )
 
 // smDemoted is what the plane keeps of a demoted connection: the counters
@@ -118,8 +124,13 @@ func (c *smConn) stats(st *[2]sockmapSockState) Stats {
 			Segments: c.pre[1].Segments + st[1].Segs,
 		},
 		LastActivity: monoToWall(last),
-		// Demoted and DemoteReason are set at the hand-off: until then the
+		// Demoted and DemoteReason are set at the hand-off (or when the
+		// loop takes over a half-closed connection): until then the
 		// connection is on the kernel path, even while a demotion drains.
+		Demoted: c.flags&smUser != 0,
+	}
+	if s.Demoted {
+		s.DemoteReason = c.reason
 	}
 	return s
 }
@@ -216,7 +227,7 @@ func (s *Sockmap) Start(c *Conn) (err error) {
 
 	// Baselines, before any map: the program's counters start at zero here.
 	for i := range 2 {
-		if sc.rxBase[i], _, err = smRxConsumed(sc.fd[i], false); err != nil {
+		if sc.rxBase[i], _, err = smRxConsumed(sc.fd[i]); err != nil {
 			return fmt.Errorf("sockmap: %s socket: %w", smSide(i), err)
 		}
 		if sc.txBase[i], err = smTxWritten(sc.fd[i], true); err != nil {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // Demotion: DESIGN.md "Adaptive data plane". A connection leaves the
@@ -130,18 +131,32 @@ func (s *Sockmap) runDemotions(now int64) {
 			case v == smDemoteDone:
 				c.flags &^= smVerdict(i)
 				_ = m.Demote.Delete(c.cookie[i])
-			case v == smDemotePending:
-				// Not visited. The tcp iterator walks hash buckets in
-				// batches and can step over a socket while others in its
-				// bucket come and go; a later pass finds it.
-				retry = true
 			default:
-				// Visited, but not in the verdict map. A lookup is safe
-				// (only deletes race with the verdict).
+				// Not deleted by the pass. If the socket is no longer in
+				// the verdict map the kernel took it out itself, under
+				// its lock: a socket that reaches CLOSE (TIME_WAIT after
+				// both FINs, LAST_ACK acked) is unhashed and unlinked
+				// from every sockmap, and the iterator skips unhashed
+				// sockets. A userspace lookup is safe (only deletes race
+				// with the verdict).
 				var x uint64
+				var ti unix.TCPInfo
 				if err := m.VerdictMap.Lookup(c.cookie[i], &x); errors.Is(err, ebpf.ErrKeyNotExist) {
 					c.flags &^= smVerdict(i)
 					_ = m.Demote.Delete(c.cookie[i])
+				} else if smTCPInfo(c.fd[i], &ti) == nil && ti.State == unix.BPF_TCP_CLOSE {
+					// Closed (both FINs done) but still linked: it is out
+					// of the TCP hash, so no segment can reach it and no
+					// verdict can run; the syscall delete cannot race.
+					_ = m.VerdictMap.Delete(c.cookie[i])
+					c.flags &^= smVerdict(i)
+					_ = m.Demote.Delete(c.cookie[i])
+				} else if v == smDemotePending {
+					// Still in the map and not visited: the tcp iterator
+					// walks hash buckets in batches and can step over a
+					// socket while others in its bucket come and go; a
+					// later pass finds it.
+					retry = true
 				} else {
 					failed = fmt.Errorf("iter/tcp could not delete the %s socket from the verdict map", smSide(i))
 				}
@@ -154,7 +169,15 @@ func (s *Sockmap) runDemotions(now int64) {
 				s.demoteQ = append(s.demoteQ, c)
 				continue
 			}
-			failed = fmt.Errorf("iter/tcp did not visit the socket in %d passes", c.passes)
+			var st [2]uint8
+			for i := range 2 {
+				var ti unix.TCPInfo
+				if smTCPInfo(c.fd[i], &ti) == nil {
+					st[i] = ti.State
+				}
+			}
+			failed = fmt.Errorf("iter/tcp did not visit the socket in %d passes (TCP states %d/%d, verdict flags %#x, fins %#x)",
+				c.passes, st[0], st[1], c.flags&(smVerdict0|smVerdict1), c.flags&(smFin0|smFin1|smShut0|smShut1))
 		}
 		if failed != nil {
 			// Nothing can be proven exact without the socket lock.
@@ -200,9 +223,16 @@ func (s *Sockmap) completeDemotion(c *smConn, st *[2]sockmapSockState, now int64
 	// (fact 13): every byte received since insertion was either
 	// redirected by the program or is still in the receive queue.
 	for i := range 2 {
-		consumed, inq, err := smRxConsumed(c.fd[i], c.flags&smFin(i) != 0)
+		// A reset socket is a reset, not an integrity failure.
+		if err := smSockErr(c.fd[i]); err != nil {
+			s.reset(c, smResetReason(i), fmt.Errorf("%s socket: %w", smSide(i), err))
+			return
+		}
+	}
+	for i := range 2 {
+		consumed, inq, err := smRxConsumed(c.fd[i])
 		if err != nil {
-			s.reset(c, smResetReason(i), nil)
+			s.reset(c, smResetReason(i), fmt.Errorf("%s socket: %w", smSide(i), err))
 			return
 		}
 		if got := consumed - c.rxBase[i]; got != st[i].Bytes {
@@ -212,6 +242,23 @@ func (s *Sockmap) completeDemotion(c *smConn, st *[2]sockmapSockState, now int64
 			return
 		}
 	}
+	// A direction the plane already finished (FIN forwarded with
+	// shutdown(2)) cannot go to a fallback that would pass its EOF on
+	// again: once the peer socket has closed both ways, that second
+	// shutdown fails and the fallback resets the connection. Finish the
+	// one open direction here instead.
+	for i := range 2 {
+		if c.flags&smShut(i) != 0 {
+			// Socket i's write side is shut: the direction from the
+			// other side is done, the one from i is still open.
+			s.startFinish(c, i)
+			return
+		}
+	}
+	s.log.Debug("sockmap demotion complete", "id", c.id, "reason", c.reason,
+		"client_bytes", st[0].Bytes, "backend_bytes", st[1].Bytes,
+		"fin_client", c.flags&smFin0 != 0, "fin_backend", c.flags&smFin1 != 0,
+		"shut_client", c.flags&smShut0 != 0, "shut_backend", c.flags&smShut1 != 0)
 	drain := time.Duration(now - c.phaseAt)
 	s.ctr.DrainTime += drain
 	s.ctr.DrainMax = max(s.ctr.DrainMax, drain)
@@ -231,4 +278,90 @@ func (s *Sockmap) completeDemotion(c *smConn, st *[2]sockmapSockState, now int64
 	// between here and the hand-off.
 	s.demoted[c.id] = &smDemoted{base: base}
 	s.out = append(s.out, smOut{handoff: c, base: base})
+}
+
+// startFinish moves a half-closed connection whose sockets left both maps
+// to userspace: the loop copies the one open direction, src to the other
+// socket, driven by epoll (EPOLLIN on src, EPOLLOUT on dst), with a pooled
+// buffer held only in this phase, then forwards its FIN. No goroutine.
+func (s *Sockmap) startFinish(c *smConn, src int) {
+	dst := 1 - src
+	c.phase = smFinish
+	c.flags |= smUser
+	c.fdir = int8(src)
+	delete(s.hot, c)
+	s.ctr.Finished++
+	s.log.Debug("sockmap finishing half-closed connection in userspace", "id", c.id, "from", smSide(src))
+	if err := s.ep.mod(c.fd[src], unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET, c.cookie[src]); err != nil {
+		s.reset(c, ReasonError, fmt.Errorf("sockmap: %w", err))
+		return
+	}
+	if err := s.ep.mod(c.fd[dst], unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET, c.cookie[dst]); err != nil {
+		s.reset(c, ReasonError, fmt.Errorf("sockmap: %w", err))
+		return
+	}
+	s.copyStep(c)
+}
+
+// smCopyBudget bounds the bytes one copyStep moves before yielding to the
+// rest of the loop.
+const smCopyBudget = 1 << 20
+
+// copyStep copies from the open direction's source to its destination
+// until EAGAIN either way, EOF (then FIN, and the connection is finished)
+// or the budget (then it is queued for the next loop iteration: with
+// EPOLLET no new edge would come for bytes already readable).
+func (s *Sockmap) copyStep(c *smConn) {
+	src, dst := int(c.fdir), 1-int(c.fdir)
+	if c.buf == nil {
+		c.buf = smBufPool.Get().(*[]byte)
+	}
+	b := *c.buf
+	for budget := smCopyBudget; budget > 0; {
+		if c.bufLo < c.bufHi {
+			n, err := unix.Write(c.fd[dst], b[c.bufLo:c.bufHi])
+			if n > 0 {
+				c.bufLo += int32(n)
+				c.pre[src].Bytes += uint64(n)
+				budget -= n
+			}
+			switch {
+			case err == nil, err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return
+			default:
+				s.reset(c, smResetReason(dst), fmt.Errorf("%s socket: write: %w", smSide(dst), err))
+				return
+			}
+		}
+		n, _, err := unix.Recvfrom(c.fd[src], b, unix.MSG_DONTWAIT)
+		switch {
+		case n > 0:
+			c.bufLo, c.bufHi = 0, int32(n)
+			c.pre[src].Segments++
+		case err == unix.EINTR:
+		case err == unix.EAGAIN:
+			return
+		case err != nil:
+			s.reset(c, smResetReason(src), fmt.Errorf("%s socket: read: %w", smSide(src), err))
+			return
+		default: // EOF: every byte is written, pass the FIN on.
+			if err := unix.Shutdown(c.fd[dst], unix.SHUT_WR); err != nil {
+				s.reset(c, smResetReason(dst), fmt.Errorf("%s socket: shutdown: %w", smSide(dst), err))
+				return
+			}
+			c.flags |= smShut(dst)
+			if c.first < 0 {
+				c.first = int8(src)
+			}
+			reason := ReasonClientFIN
+			if c.first == 1 {
+				reason = ReasonBackendFIN
+			}
+			s.finish(c, reason, nil, false)
+			return
+		}
+	}
+	s.copyQ = append(s.copyQ, c)
 }

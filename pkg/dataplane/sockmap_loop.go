@@ -47,6 +47,7 @@ func (s *Sockmap) loop(ready chan<- error) {
 	for {
 		s.mu.Lock()
 		busy := len(s.hot) > 0 || len(s.demoteQ) > 0
+		copying := len(s.copyQ) > 0
 		// Read each time: a Start with a short IdleTimeout shortens it.
 		nextScan := lastScan + int64(s.scanEvery)
 		s.mu.Unlock()
@@ -56,7 +57,7 @@ func (s *Sockmap) loop(ready chan<- error) {
 			wake = nextTick
 		}
 		ms := 0
-		if wake > now {
+		if wake > now && !copying {
 			ms = int((wake - now + int64(time.Millisecond) - 1) / int64(time.Millisecond))
 		}
 		n, err := s.ep.wait(evs, ms)
@@ -91,6 +92,15 @@ func (s *Sockmap) loop(ready chan<- error) {
 		}
 		clear(s.urgent)
 		s.urgent = s.urgent[:0]
+		if len(s.copyQ) > 0 {
+			q := s.copyQ
+			s.copyQ = nil
+			for _, c := range q {
+				if s.conns[c.id] == c && c.phase == smFinish {
+					s.copyStep(c)
+				}
+			}
+		}
 		if now >= nextTick {
 			s.tick(now)
 			nextTick = now + int64(s.opts.PollInterval)
@@ -168,8 +178,12 @@ func (s *Sockmap) sockEvent(c *smConn, side int, ev uint32) {
 			err = unix.ECONNRESET
 		}
 		if err != nil {
-			s.reset(c, smResetReason(side), nil)
+			s.reset(c, smResetReason(side), fmt.Errorf("%s socket: epoll events %#x: %w", smSide(side), ev, err))
+			return
 		}
+	}
+	if c.phase == smFinish {
+		s.copyStep(c)
 	}
 }
 
@@ -259,7 +273,7 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 		}
 		w, err := smTxWritten(c.fd[dst], false)
 		if err != nil {
-			s.reset(c, smResetReason(dst), nil)
+			s.reset(c, smResetReason(dst), fmt.Errorf("%s socket: %w", smSide(dst), err))
 			return
 		}
 		c.parked[i] = max(0, int64(st[i].Bytes)-int64(w-c.txBase[dst]))
@@ -269,6 +283,12 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 	switch c.phase {
 	case smDraining:
 		if c.parked[0] == 0 && c.parked[1] == 0 {
+			// FINs that arrived while the demotion drained are forwarded
+			// here if their bytes all went through the program; if both
+			// directions end this way there is nothing left to hand off.
+			if _, gone := s.forwardFINs(c, &st, now, true); gone {
+				return
+			}
 			s.completeDemotion(c, &st, now)
 			return
 		}
@@ -307,48 +327,8 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 		}
 	}
 
-	// Fact 4: forward FIN only after the bytes before it were redirected
-	// (tcpi_bytes_received accounted for by the program's counter) and
-	// queued into the peer (parked == 0).
-	pending := false
-	for i := range 2 {
-		dst := 1 - i
-		if c.flags&smFin(i) == 0 || c.flags&smShut(dst) != 0 {
-			continue
-		}
-		pending = true
-		if c.parked[i] != 0 {
-			continue
-		}
-		var ti unix.TCPInfo
-		if err := smTCPInfo(c.fd[i], &ti); err != nil {
-			s.reset(c, smResetReason(i), nil)
-			return
-		}
-		// tcpi_bytes_received counts the FIN's sequence number too.
-		if got := ti.Bytes_received - c.rxBase[i] - 1; got != st[i].Bytes {
-			if c.stallAt == 0 {
-				c.stallAt = now
-			} else if now-c.stallAt > int64(smStallTimeout) {
-				s.integrityReset(c, fmt.Errorf("sockmap: %s sent FIN after %d bytes, %d redirected",
-					smSide(i), got, st[i].Bytes))
-				return
-			}
-			continue
-		}
-		c.stallAt = 0
-		if err := unix.Shutdown(c.fd[dst], unix.SHUT_WR); err != nil {
-			s.reset(c, smResetReason(dst), nil)
-			return
-		}
-		c.flags |= smShut(dst)
-	}
-	if c.flags&(smShut0|smShut1) == smShut0|smShut1 {
-		reason := ReasonClientFIN
-		if c.first == 1 {
-			reason = ReasonBackendFIN
-		}
-		s.finish(c, reason, nil, false)
+	pending, gone := s.forwardFINs(c, &st, now, false)
+	if gone {
 		return
 	}
 	if !moved && !pending && c.parked[0] == 0 && c.parked[1] == 0 {
@@ -362,6 +342,61 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 	}
 	c.quiet = 0
 	s.backoff(c, now, progress)
+}
+
+// forwardFINs implements fact 4: a FIN is forwarded (SHUT_WR on the peer)
+// only after the bytes before it were redirected (tcpi_bytes_received
+// accounted for by the program's counter) and queued into the peer (parked
+// == 0). pending reports a FIN still waiting; gone that c was finished
+// (both directions closed) or reset. While a demotion drains, bytes that
+// stayed in the receive queue are normal: that direction is left to the
+// fallback instead of being counted as a stall.
+func (s *Sockmap) forwardFINs(c *smConn, st *[2]sockmapSockState, now int64, draining bool) (pending, gone bool) {
+	for i := range 2 {
+		dst := 1 - i
+		if c.flags&smFin(i) == 0 || c.flags&smShut(dst) != 0 {
+			continue
+		}
+		pending = true
+		if c.parked[i] != 0 {
+			continue
+		}
+		var ti unix.TCPInfo
+		if err := smTCPInfo(c.fd[i], &ti); err != nil {
+			s.reset(c, smResetReason(i), fmt.Errorf("%s socket: TCP_INFO: %w", smSide(i), err))
+			return false, true
+		}
+		// tcpi_bytes_received counts the FIN's sequence number too.
+		if got := ti.Bytes_received - c.rxBase[i] - 1; got != st[i].Bytes {
+			if draining {
+				continue
+			}
+			if c.stallAt == 0 {
+				c.stallAt = now
+			} else if now-c.stallAt > int64(smStallTimeout) {
+				s.integrityReset(c, fmt.Errorf("sockmap: %s sent FIN after %d bytes, %d redirected",
+					smSide(i), got, st[i].Bytes))
+				return false, true
+			}
+			continue
+		}
+		c.stallAt = 0
+		if err := unix.Shutdown(c.fd[dst], unix.SHUT_WR); err != nil {
+			s.reset(c, smResetReason(dst), fmt.Errorf("%s socket: shutdown: %w", smSide(dst), err))
+			return false, true
+		}
+		c.flags |= smShut(dst)
+	}
+	if c.flags&(smShut0|smShut1) == smShut0|smShut1 {
+		reason := ReasonClientFIN
+		if c.first == 1 {
+			reason = ReasonBackendFIN
+		}
+		c.phase = smLive // ended normally, not a failed demotion
+		s.finish(c, reason, nil, false)
+		return false, true
+	}
+	return pending, false
 }
 
 // backoff spaces out the polls of a busy connection that makes no progress
@@ -436,8 +471,16 @@ func (s *Sockmap) scan(now int64) {
 
 const smScanBatch = 1024
 
-// reset closes both sockets with RST (SO_LINGER{1,0}).
+// reset closes both sockets with RST (SO_LINGER{1,0}). err is the cause:
+// returned in Result.Err for ReasonError and ReasonIntegrity, logged at
+// debug level for the others (whose Result.Err is nil by contract).
 func (s *Sockmap) reset(c *smConn, reason CloseReason, err error) {
+	if reason != ReasonError && reason != ReasonIntegrity {
+		if err != nil {
+			s.log.Debug("sockmap connection reset", "id", c.id, "reason", reason, "cause", err)
+		}
+		err = nil
+	}
 	s.finish(c, reason, err, true)
 }
 
@@ -473,6 +516,10 @@ func (s *Sockmap) finish(c *smConn, reason CloseReason, err error, rst bool) {
 	}
 	delete(s.conns, c.id)
 	delete(s.hot, c)
+	if c.buf != nil {
+		smBufPool.Put(c.buf)
+		c.buf = nil
+	}
 	if c.phase == smQueued || c.phase == smDraining {
 		s.ctr.DemoteFailures++
 	}

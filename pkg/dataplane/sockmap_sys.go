@@ -44,8 +44,8 @@ func smIoctl(fd int, req uintptr) (int, error) {
 //
 // tcpi_bytes_received counts sequence space, so a received FIN adds one
 // that SIOCINQ never shows; it is taken off when the TCP state says a FIN
-// was received (or, in CLOSE, when finSeen says so).
-func smRxConsumed(fd int, finSeen bool) (consumed, inq uint64, err error) {
+// was received.
+func smRxConsumed(fd int) (consumed, inq uint64, err error) {
 	var ti unix.TCPInfo
 	for i := 0; i < 1000; i++ {
 		q1, err := smIoctl(fd, unix.SIOCINQ)
@@ -61,7 +61,7 @@ func smRxConsumed(fd int, finSeen bool) (consumed, inq uint64, err error) {
 		}
 		if q1 == q2 {
 			rx := ti.Bytes_received
-			if smFinReceived(ti.State, finSeen) && rx > 0 {
+			if smFinReceived(ti.State) && rx > 0 {
 				rx--
 			}
 			return rx - uint64(q1), uint64(q1), nil
@@ -70,13 +70,15 @@ func smRxConsumed(fd int, finSeen bool) (consumed, inq uint64, err error) {
 	return 0, 0, errors.New("receive queue never settled")
 }
 
-// smFinReceived tells from a TCP state whether the peer's FIN was received.
-func smFinReceived(state uint8, finSeen bool) bool {
+// smFinReceived tells from a TCP state whether the peer's FIN was
+// received. A socket the plane holds reaches CLOSE without an error only
+// through a FIN exchange (TIME_WAIT's full socket, LAST_ACK acked); after
+// an RST it has a socket error, which callers check first.
+func smFinReceived(state uint8) bool {
 	switch state {
-	case unix.BPF_TCP_CLOSE_WAIT, unix.BPF_TCP_LAST_ACK, unix.BPF_TCP_CLOSING, unix.BPF_TCP_TIME_WAIT:
+	case unix.BPF_TCP_CLOSE_WAIT, unix.BPF_TCP_LAST_ACK, unix.BPF_TCP_CLOSING,
+		unix.BPF_TCP_TIME_WAIT, unix.BPF_TCP_CLOSE:
 		return true
-	case unix.BPF_TCP_CLOSE:
-		return finSeen
 	}
 	return false
 }
@@ -87,11 +89,25 @@ func smFinReceived(state uint8, finSeen bool) bool {
 //
 // With exact set the result is taken at one instant (SIOCOUTQ unchanged
 // around TCP_INFO), which holds only while nothing writes to fd: used for
-// the baseline at insertion. Without it SIOCOUTQ is read first, so an ACK
-// landing between the two reads makes the sum too large, never too small:
-// the parked estimate redirected - written can only over-count.
+// the baseline at insertion. Without it TCP_INFO is read first, then
+// SIOCOUTQ: an ACK landing between the two reads moves bytes from "in
+// flight" to "acked" after acked was read, so the sum can only be too
+// small, never too large, and the parked estimate redirected - written can
+// only over-count. (The other order over-counts written by up to a window
+// of in-flight bytes, and a FIN forwarded on that estimate cuts off bytes
+// still parked for the peer.)
 func smTxWritten(fd int, exact bool) (uint64, error) {
 	var ti unix.TCPInfo
+	if !exact {
+		if err := smTCPInfo(fd, &ti); err != nil {
+			return 0, fmt.Errorf("TCP_INFO: %w", err)
+		}
+		q, err := smIoctl(fd, unix.SIOCOUTQ)
+		if err != nil {
+			return 0, fmt.Errorf("SIOCOUTQ: %w", err)
+		}
+		return ti.Bytes_acked + uint64(q), nil
+	}
 	for i := 0; i < 1000; i++ {
 		q1, err := smIoctl(fd, unix.SIOCOUTQ)
 		if err != nil {
@@ -99,9 +115,6 @@ func smTxWritten(fd int, exact bool) (uint64, error) {
 		}
 		if err := smTCPInfo(fd, &ti); err != nil {
 			return 0, fmt.Errorf("TCP_INFO: %w", err)
-		}
-		if !exact {
-			return ti.Bytes_acked + uint64(q1), nil
 		}
 		q2, err := smIoctl(fd, unix.SIOCOUTQ)
 		if err != nil {
