@@ -613,3 +613,40 @@ func TestSockmapRedirectFailureResets(t *testing.T) {
 		}
 	})
 }
+
+// TestSockmapIntegrityResetPath exercises the fact-15 check's failure
+// branch: a hand-off whose byte counts do not add up resets both sides, is
+// counted and reported as ReasonIntegrity. The mismatch is made by skewing
+// the plane's baseline, as a lost skb would.
+func TestSockmapIntegrityResetPath(t *testing.T) {
+	smEnv(t, SockmapOptions{}, func(s *Sockmap, e *ptEnv) {
+		p := e.pair(nil)
+		defer p.close()
+		if _, err := p.client.Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(p.backend, make([]byte, 5)); err != nil {
+			t.Fatal(err)
+		}
+		s.mu.Lock()
+		s.conns[p.id].rxBase[0] -= 3 // three bytes "received" that the program never saw
+		s.mu.Unlock()
+		if !s.demote(p.id, DemoteParked) {
+			t.Fatal("demote: unknown connection")
+		}
+		r := p.wait(t, 5*time.Second)
+		if r.Reason != ReasonIntegrity || r.Err == nil {
+			t.Fatalf("result %s %v, want integrity_reset", r.Reason, r.Err)
+		}
+		for _, c := range []*net.TCPConn{p.client, p.backend} {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Read(make([]byte, 1)); !errors.Is(err, unix.ECONNRESET) {
+				t.Errorf("after integrity reset read %v, want ECONNRESET", err)
+			}
+		}
+		if k := s.Counters(); k.IntegrityResets != 1 {
+			t.Errorf("IntegrityResets %d, want 1", k.IntegrityResets)
+		}
+		t.Logf("reported: %v", r.Err)
+	})
+}
