@@ -43,6 +43,13 @@ func (f *fakeHandler) LameDuck(_ context.Context, on bool) error {
 	return nil
 }
 
+func (f *fakeHandler) Upgrade(_ context.Context, req UpgradeRequest) (UpgradeResult, error) {
+	if req.Binary == "/bin/false" {
+		return UpgradeResult{}, errors.New("upgrade failed waiting for the new agent to start: the new agent exited: exit status 1")
+	}
+	return UpgradeResult{OldPID: 1, NewPID: 1, Connections: 3, Adopted: 3}, nil
+}
+
 func (f *fakeHandler) Status(context.Context) (Status, error) {
 	return Status{Version: "test", PID: 1, Dataplane: "splice", Connections: ConnCounts{Active: len(f.conns)}}, nil
 }
@@ -480,5 +487,26 @@ func TestReloadAndLameDuck(t *testing.T) {
 	}
 	if err := c.LameDuck(ctx, false); err != nil || h.lameDuck {
 		t.Fatalf("unlameduck: %v %v", err, h.lameDuck)
+	}
+}
+
+// TestUpgrade: the upgrade verb carries the handler's result and error,
+// and the CLI waits for the new agent to answer on the socket.
+func TestUpgrade(t *testing.T) {
+	h := &fakeHandler{}
+	_, c := serve(t, h)
+	ctx := context.Background()
+	res, err := c.Upgrade(ctx, "")
+	if err != nil || res.Connections != 3 || res.NewPID != 1 {
+		t.Fatalf("upgrade: %+v %v", res, err)
+	}
+	if err := waitAgent(ctx, c, res.NewPID, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Upgrade(ctx, "/bin/false"); err == nil || !strings.Contains(err.Error(), "exit status 1") {
+		t.Fatalf("failed upgrade: %v, want the handler's error", err)
+	}
+	if err := waitAgent(ctx, c, 42, 200*time.Millisecond); err == nil {
+		t.Fatal("waitAgent accepted the wrong pid")
 	}
 }

@@ -80,6 +80,31 @@ type Handler interface {
 	// turns false so load balancers and Kubernetes stop sending new
 	// clients, while listeners keep accepting until the agent is stopped.
 	LameDuck(ctx context.Context, on bool) error
+	// Upgrade replaces the running agent with a new process of req.Binary
+	// (empty: the agent's own executable, read again from disk) that takes
+	// over its listeners and established connections without dropping one,
+	// and returns once the new process serves. If the new process fails,
+	// the running agent keeps serving and the error says why.
+	Upgrade(ctx context.Context, req UpgradeRequest) (UpgradeResult, error)
+}
+
+// UpgradeRequest is the body of POST /v1/upgrade.
+type UpgradeRequest struct {
+	// Binary is the absolute path of the new binary; empty means the
+	// running agent's own executable path. Only root (or the agent's own
+	// user) may set it.
+	Binary string `json:"binary,omitempty"`
+}
+
+// UpgradeResult is the answer to POST /v1/upgrade.
+type UpgradeResult struct {
+	OldPID      int     `json:"old_pid"`
+	NewPID      int     `json:"new_pid"`
+	Listeners   int     `json:"listeners"`
+	Connections int     `json:"connections"` // handed over
+	Adopted     int     `json:"adopted"`     // taken up by the new agent
+	Paused      float64 `json:"paused_seconds"`
+	Seconds     float64 `json:"seconds"`
 }
 
 // MaxWeight is the largest weight SetWeight accepts (the config's range).

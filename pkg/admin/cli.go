@@ -18,7 +18,7 @@ import (
 // cannot be reached and ErrInvalid for bad arguments, so main can choose an
 // exit code.
 func Commands() []func() *cobra.Command {
-	return []func() *cobra.Command{statusCmd, connsCmd, backendsCmd, drainCmd(true), drainCmd(false), weightCmd, killCmd, reloadCmd}
+	return []func() *cobra.Command{statusCmd, connsCmd, backendsCmd, drainCmd(true), drainCmd(false), weightCmd, killCmd, reloadCmd, upgradeCmd}
 }
 
 // cliEnv is what every command reads from the root's flags.
@@ -239,6 +239,65 @@ func reloadCmd() *cobra.Command {
 			fmt.Fprintln(e.out, "configuration reloaded")
 			return nil
 		}),
+	}
+}
+
+func upgradeCmd() *cobra.Command {
+	var binary string
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:   "upgrade",
+		Short: "Replace the running agent with a new binary without dropping a connection",
+		Long: `Replace the running agent with a new process of its binary, read again from
+disk (install the new binary over the old path first), or of --binary. The new
+process takes over the listening sockets and every established connection,
+tells systemd it is the main process, and the old one exits. If the new binary
+fails to start or to take over, the running agent keeps serving and this
+command says why. SIGUSR2 to the agent does the same without waiting.
+
+Connections on the sockmap data plane cannot move yet: the upgrade is refused
+while there are any.
+
+  install -m 0755 ./wsplice /usr/local/bin/wsplice && wsplice upgrade`,
+		Args: cobra.NoArgs,
+		RunE: run(func(ctx context.Context, e *cliEnv, _ []string) error {
+			res, err := e.client.Upgrade(ctx, binary)
+			if err != nil {
+				return err
+			}
+			// The new agent opens the admin socket once the old one has let
+			// go of it: wait until it answers there.
+			if err := waitAgent(ctx, e.client, res.NewPID, wait); err != nil {
+				return err
+			}
+			if e.json {
+				return WriteJSON(e.out, res)
+			}
+			fmt.Fprintf(e.out, "upgraded: pid %d → %d, %d listeners and %d connections handed over (%d adopted), connections paused %s, took %s\n",
+				res.OldPID, res.NewPID, res.Listeners, res.Connections, res.Adopted,
+				time.Duration(res.Paused*float64(time.Second)).Round(time.Millisecond), time.Duration(res.Seconds*float64(time.Second)).Round(time.Millisecond))
+			return nil
+		}),
+	}
+	cmd.Flags().StringVar(&binary, "binary", "", "absolute path of the new binary (default: the running agent's own path)")
+	cmd.Flags().DurationVar(&wait, "wait", 30*time.Second, "how long to wait for the new agent to answer on the admin socket")
+	return cmd
+}
+
+// waitAgent polls the admin socket until the agent with pid answers.
+func waitAgent(ctx context.Context, c *Client, pid int, limit time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	for {
+		st, err := c.Status(ctx)
+		if err == nil && st.PID == pid {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the new agent (pid %d) took over but does not answer on the admin socket after %s (last: pid %d, %v)", pid, limit, st.PID, err)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
 

@@ -129,7 +129,23 @@ func (c *Client) LameDuck(ctx context.Context, on bool) error {
 	return c.do(ctx, http.MethodPost, path, struct{}{}, nil)
 }
 
+// Upgrade asks the agent to replace itself with a new process of binary
+// (empty: its own executable) and returns once the new one serves. It
+// waits longer than other calls: the new agent loads its configuration
+// and data planes, and the connections move in batches.
+func (c *Client) Upgrade(ctx context.Context, binary string) (UpgradeResult, error) {
+	var res UpgradeResult
+	hc := *c.hc
+	hc.Timeout = 5 * time.Minute
+	err := c.doWith(ctx, &hc, http.MethodPost, "/upgrade", UpgradeRequest{Binary: binary}, &res)
+	return res, err
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	return c.doWith(ctx, c.hc, method, path, in, out)
+}
+
+func (c *Client) doWith(ctx context.Context, hc *http.Client, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -145,7 +161,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return c.dialError(err)
 	}

@@ -324,6 +324,27 @@ func routes(h Handler, log *slog.Logger) http.Handler {
 			reply(w, struct{}{}, err)
 		})
 	}
+	mux.HandleFunc("POST "+p+"/upgrade", func(w http.ResponseWriter, r *http.Request) {
+		var req UpgradeRequest
+		if err := decode(r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		// The new binary runs with the agent's privileges: only those who
+		// have them already may choose it (the socket's group may not).
+		if req.Binary != "" {
+			if p, ok := r.Context().Value(peerKey{}).(peer); !ok || (p.uid != 0 && p.uid != os.Geteuid()) {
+				reply(w, nil, Invalidf("only root or the agent's own user may choose the binary (--binary); without it the agent runs its own executable path again"))
+				return
+			}
+		}
+		log.Info("admin: upgrade requested", append([]any{"binary", req.Binary}, peerAttrs(r.Context())...)...)
+		res, err := h.Upgrade(r.Context(), req)
+		if err == nil {
+			log.Info("admin: upgraded", append([]any{"new_pid", res.NewPID, "connections", res.Connections}, peerAttrs(r.Context())...)...)
+		}
+		reply(w, res, err)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, errorBody{Error: fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path)})
 	})

@@ -46,6 +46,7 @@ type Agent struct {
 	access  *accessLog
 	ep      atomic.Pointer[endpoints] // metrics, admin socket, periodic log
 	Health  *health.Set               // active and passive checks, DNS discovery
+	up      upgradeState              // binary upgrade: SIGUSR2, wsplice upgrade, taking over (upgrade.go)
 }
 
 // Run starts the agent and blocks until ctx is cancelled (first SIGTERM or
@@ -59,7 +60,11 @@ func Run(ctx context.Context, opts Options) error {
 		log = slog.Default()
 	}
 	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath, onClose: opts.OnClose}
+	if err := a.initUpgrade(); err != nil { // (upgrade.go)
+		return err
+	}
 	if err := a.start(); err != nil {
+		a.upgradeStartFailed(err) // the old agent, if any, keeps serving (upgrade.go)
 		if a.Health != nil {
 			a.Health.Stop()
 		}
@@ -75,20 +80,29 @@ func Run(ctx context.Context, opts Options) error {
 		log.Warn("sd_notify READY failed", "err", err)
 	}
 	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
+	signal.Notify(hup, syscall.SIGHUP, syscall.SIGUSR2)
 	defer signal.Stop(hup)
 wait:
 	for {
 		select {
 		case <-ctx.Done():
 			break wait
-		case <-hup:
+		case <-a.up.committed:
+			return a.finishUpgrade() // a new process serves now (upgrade.go)
+		case sig := <-hup:
+			if sig == syscall.SIGUSR2 {
+				a.upgradeOnSignal() // in the background (upgrade.go)
+				continue
+			}
 			if err := a.Reload(); err != nil {
 				log.Error("reload rejected, the running configuration stays", "err", err)
 			}
 		}
 	}
 
+	if a.settleUpgrade() { // an upgrade committed while the stop came (upgrade.go)
+		return a.finishUpgrade()
+	}
 	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout.D())
 	defer cancel()
 	again := make(chan os.Signal, 1)
@@ -164,6 +178,9 @@ func (a *Agent) start() error {
 	a.Proxy = srv
 	if err := a.Health.Apply(context.Background(), srv.Pools(), a.cfg.Pools); err != nil {
 		return fmt.Errorf("health checks: %w", err)
+	}
+	if a.up.inherit != nil { // started by an upgrade: take over (upgrade.go)
+		return a.takeOver()
 	}
 	// The admin socket comes before the listeners: a second agent started
 	// by mistake fails on it before SO_REUSEPORT gives it any traffic.

@@ -3,6 +3,7 @@ package dataplane
 import (
 	"encoding/json"
 	"os"
+	"time"
 )
 
 // Detached is one connection taken off a data plane, still open, for a
@@ -15,6 +16,8 @@ type Detached struct {
 	Kind    Kind // the plane that detached it, and the one that can adopt it
 	Client  *os.File
 	Backend *os.File
+	// IdleTimeout is the connection's Conn.IdleTimeout, for the adopter's.
+	IdleTimeout time.Duration
 	// State is the plane's own record of the connection: counters so far,
 	// last activity, half-closes, and bytes read from one socket and not
 	// yet written to the other. Adopt of the same Kind reads it; a newer

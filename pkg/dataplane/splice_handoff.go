@@ -20,11 +20,10 @@ const spStateVersion = 1
 type spHandoffState struct {
 	Version int `json:"v"`
 	// Fin is the side whose EOF came first, if any.
-	Fin          CloseReason   `json:"fin,omitempty"`
-	LastActivity time.Time     `json:"last_activity"`
-	ClientToBack spDirState    `json:"c2b"`
-	BackToClient spDirState    `json:"b2c"`
-	Idle         time.Duration `json:"idle,omitempty"` // informational: the Conn's IdleTimeout wins
+	Fin          CloseReason `json:"fin,omitempty"`
+	LastActivity time.Time   `json:"last_activity"`
+	ClientToBack spDirState  `json:"c2b"`
+	BackToClient spDirState  `json:"b2c"`
 }
 
 // spDirState is one direction of a detached connection.
@@ -174,7 +173,7 @@ func (sc *spliceConn) spExitDetached() bool {
 	sc.closing = true
 	t := sc.timer
 	st := spHandoffState{
-		Version: spStateVersion, Fin: sc.fin, Idle: sc.c.IdleTimeout,
+		Version: spStateVersion, Fin: sc.fin,
 		LastActivity: sc.s.epoch.Add(time.Duration(sc.last.Load())).Round(0),
 		ClientToBack: sc.c2b.spState(), BackToClient: sc.b2c.spState(),
 	}
@@ -207,7 +206,7 @@ func (sc *spliceConn) spExitDetached() bool {
 	_ = sc.backend.Close()
 	sc.finished.Store(true)
 	ho.ok = true
-	ho.d = Detached{ID: sc.c.ID, Kind: KindSplice, Client: cf, Backend: bf, State: state}
+	ho.d = Detached{ID: sc.c.ID, Kind: KindSplice, Client: cf, Backend: bf, IdleTimeout: sc.c.IdleTimeout, State: state}
 	s := sc.s
 	s.mu.Lock()
 	delete(s.conns, sc.c.ID)

@@ -62,7 +62,8 @@ type Server struct {
 
 	// Counters are read by the metrics package.
 	Counters Counters
-	tls      tlsState // certificates, backend TLS, copy plane (tls.go)
+	tls      tlsState     // certificates, backend TLS, copy plane (tls.go)
+	ho       handoffState // binary upgrade: inherited listeners, handshakes in flight (handoff.go)
 
 	mu        sync.Mutex         // serialises Start, Reload and Shutdown
 	listeners map[string]*socket // by address
@@ -206,7 +207,7 @@ func (s *Server) Start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.state.Load()
-	opened, err := s.open(st.cfg.Listeners, st)
+	opened, err := s.openForStart(st) // those Open prepared, else open (handoff.go)
 	if err != nil {
 		return err
 	}
@@ -224,7 +225,7 @@ func (s *Server) Start() error {
 func (s *Server) open(lcs []config.Listener, st *state) ([]*socket, error) {
 	var opened []*socket
 	for _, lc := range lcs {
-		ln, err := Listen(lc.Address, lc.Backlog)
+		ln, err := s.listen(lc) // an inherited socket, or Listen (handoff.go)
 		if err != nil {
 			for _, o := range opened {
 				o.ln.Close()
@@ -249,6 +250,9 @@ func (s *Server) Reload(cfg *config.Config) error {
 	defer s.mu.Unlock()
 	if s.draining.Load() {
 		return errors.New("reload: the agent is draining")
+	}
+	if err := s.handoffBusy(); err != nil { // (handoff.go)
+		return err
 	}
 	// Certificates load first: a file that does not load changes nothing.
 	if err := s.prepareTLS(cfg); err != nil {
@@ -340,8 +344,10 @@ func (s *Server) acceptLoop(sk *socket) {
 		backoff = 0
 		s.Counters.Accepted.Add(1)
 		s.wg.Add(1)
+		s.ho.inflight.Add(1) // an upgrade waits for handshakes (handoff.go)
 		go func() {
 			defer s.wg.Done()
+			defer s.ho.inflight.Add(-1)
 			s.handle(l, c)
 		}()
 	}

@@ -148,8 +148,11 @@ type Result struct {
 	Listeners int           // listening sockets handed over
 	Conns     int           // connections handed over
 	Adopted   int           // connections the new agent adopted
-	Paused    time.Duration // from the end of accepting to commit: how long handed-over connections did not move (splice)
+	Paused    time.Duration // from the end of accepting to committed: how long handed-over connections did not move (splice)
 	Took      time.Duration // from start to committed
+	// The parts of Paused: detaching, sending, the new agent's check,
+	// and its adoption (commit to committed).
+	Detach, Send, Check, Adopt time.Duration
 }
 
 // Session is a committed hand-off's socket, kept open until the endpoints
@@ -271,8 +274,10 @@ func (h *hand) run() (Result, error) {
 	if err != nil {
 		return res, h.abort("pausing the listeners", err, nil)
 	}
+	t := time.Now()
 	conns, err := h.src.Detach()
 	res.Conns = len(conns)
+	res.Detach, t = time.Since(t), time.Now()
 	if err != nil {
 		return res, h.abort("detaching connections", err, conns)
 	}
@@ -291,7 +296,9 @@ func (h *hand) run() (Result, error) {
 	if err := h.ch.send(&message{Type: msgEnd, Count: len(conns)}, nil); err != nil {
 		return res, h.abort("sending connections", err, conns)
 	}
+	res.Send, t = time.Since(t), time.Now()
 	m, err := h.expect(msgPrepared, h.opts.Step)
+	res.Check, t = time.Since(t), time.Now()
 	if err == nil && m.Count != len(conns) {
 		err = fmt.Errorf("the new agent received %d connections, %d were sent", m.Count, len(conns))
 	}
@@ -316,6 +323,7 @@ func (h *hand) run() (Result, error) {
 		return res, errors.Join(fmt.Errorf("upgrade failed after commit: the new agent (pid %d) did not confirm: %w; it was stopped and this agent resumed its listeners and %d connections (bytes the new agent had read and not yet written, if any, are lost)", res.PID, err, len(conns)), rerr)
 	}
 	res.Adopted = m.Count
+	res.Adopt = time.Since(t)
 	res.Paused = time.Since(paused)
 	h.src.Commit(conns)
 	return res, nil

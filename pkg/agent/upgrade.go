@@ -1,0 +1,344 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/wsplice/wsplice/pkg/admin"
+	"github.com/wsplice/wsplice/pkg/proxy"
+	"github.com/wsplice/wsplice/pkg/sdnotify"
+	"github.com/wsplice/wsplice/pkg/upgrade"
+)
+
+// upgradeState is the agent's part of a binary upgrade (package upgrade
+// runs the protocol, the proxy moves its listeners and connections).
+type upgradeState struct {
+	mu        sync.Mutex       // one upgrade at a time
+	committed chan struct{}    // closed once a new process took over: Run exits
+	session   *upgrade.Session // of the committed upgrade
+	stop      context.Context  // ends when the agent stops: cancels an upgrade in progress
+	cancel    context.CancelFunc
+	inherit   *upgrade.Channel // set when this process was started by an upgrade
+	opts      upgrade.Options
+}
+
+// initUpgrade prepares for upgrades and finds out whether this process is
+// the new agent of one (started with upgrade.EnvFD set).
+func (a *Agent) initUpgrade() error {
+	a.up.committed = make(chan struct{})
+	a.up.stop, a.up.cancel = context.WithCancel(context.Background())
+	ch, err := upgrade.Inherited()
+	if err != nil {
+		return fmt.Errorf("started for an upgrade, but: %w", err)
+	}
+	a.up.inherit = ch
+	return nil
+}
+
+// upgradeStartFailed tells the old agent that this one could not start
+// (it keeps serving), when this process was started by an upgrade.
+func (a *Agent) upgradeStartFailed(err error) {
+	if a.up.inherit == nil {
+		return
+	}
+	// Take reports the error itself when it runs; this covers failures
+	// before it (configuration, tuning, data planes).
+	ch := a.up.inherit
+	a.up.inherit = nil
+	_, _ = upgrade.Take(context.Background(), ch, failingTarget{err}, upgrade.Options{Step: 5 * time.Second})
+	if a.Proxy != nil {
+		a.Proxy.Abandon()
+	}
+}
+
+// failingTarget refuses at once: the start-up failed before the hand-off.
+type failingTarget struct{ err error }
+
+func (t failingTarget) Prepare(ls []upgrade.Listener) error {
+	for _, l := range ls {
+		l.File.Close()
+	}
+	return t.err
+}
+func (failingTarget) Check([]upgrade.Conn) error { return errors.New("unreachable") }
+func (failingTarget) Commit([]upgrade.Conn) int  { return 0 }
+
+// takeOver is the new agent's start after its data planes and proxy
+// exist: it takes the old agent's listeners and connections (see package
+// upgrade), starts accepting, becomes systemd's main process, and opens
+// the admin socket and metrics address once the old agent let go of them.
+// An error before the commit leaves the old agent serving; after it, this
+// process serves whatever happens, so nothing after it fails start.
+func (a *Agent) takeOver() error {
+	ch := a.up.inherit
+	a.up.inherit = nil
+	t0 := time.Now()
+	s, err := upgrade.Take(context.Background(), ch, &target{a: a}, a.up.opts)
+	if s == nil {
+		a.Proxy.Abandon()
+		return fmt.Errorf("taking over from the running agent: %w", err)
+	}
+	if err != nil {
+		a.log.Error("upgrade: serving, but the old agent did not hear the commit", "err", err)
+	}
+	r := s.Result
+	a.log.Info("upgrade: took over from the previous agent", "listeners", r.Listeners, "connections", r.Conns,
+		"adopted", r.Adopted, "took", time.Since(t0).Round(time.Microsecond))
+	if err := s.WaitReleased(10 * time.Second); err != nil {
+		a.log.Warn("upgrade: the old agent did not say it released the admin socket; trying anyway", "err", err)
+	}
+	// The old agent has closed them; a retry covers a slow release.
+	var eerr error
+	for i := 0; i < 50; i++ {
+		if eerr = a.startEndpoints(); eerr == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	a.log.Error("upgrade: serving without the admin socket and metrics endpoint", "err", eerr)
+	return nil
+}
+
+// target is the new agent's side of package upgrade.
+type target struct{ a *Agent }
+
+func (t *target) Prepare(ls []upgrade.Listener) error {
+	fs := make([]proxy.ListenerFile, len(ls))
+	for i, l := range ls {
+		fs[i] = proxy.ListenerFile{Name: l.Name, Address: l.Address, File: l.File}
+	}
+	t.a.Proxy.Inherit(fs)
+	return t.a.Proxy.Open()
+}
+
+func (t *target) Check(conns []upgrade.Conn) error {
+	for _, c := range conns {
+		if err := t.a.Proxy.CheckHandoff(c.Record); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *target) Commit(conns []upgrade.Conn) int {
+	a := t.a
+	n := 0
+	for _, c := range conns {
+		if err := a.Proxy.Adopt(c.Record, c.Client, c.Backend); err != nil {
+			a.log.Warn("upgrade: connection not adopted, closed", "err", err)
+			continue
+		}
+		n++
+	}
+	if err := a.Proxy.Start(); err != nil {
+		a.log.Error("upgrade: accepting on the inherited listeners", "err", err)
+	}
+	// Type=notify with NotifyAccess=all: this process becomes the main PID
+	// before the old one exits, so systemd does not take that exit for the
+	// service's (see deploy/systemd/wsplice.service).
+	if _, err := sdnotify.Notify("MAINPID=" + strconv.Itoa(os.Getpid()) + "\n" + sdnotify.StateReady); err != nil {
+		a.log.Warn("sd_notify MAINPID failed", "err", err)
+	}
+	return n
+}
+
+// Upgrade replaces this agent with a new process of binary (empty: the
+// executable this agent was started from, read again from disk, with the
+// same arguments), handing it the listeners and every established
+// connection (package upgrade). It returns once the new process serves;
+// Run then releases the admin socket and metrics address to it and
+// returns nil. On error the agent keeps serving everything it had.
+func (a *Agent) Upgrade(ctx context.Context, binary string) (upgrade.Result, error) {
+	if !a.up.mu.TryLock() {
+		return upgrade.Result{}, errors.New("an upgrade is already in progress")
+	}
+	defer a.up.mu.Unlock()
+	select {
+	case <-a.up.committed:
+		return upgrade.Result{}, errors.New("this agent has already handed over to a new process")
+	default:
+	}
+	path, err := upgradeBinary(binary)
+	if err != nil {
+		return upgrade.Result{}, err
+	}
+	if err := a.Proxy.BeginHandoff(); err != nil {
+		return upgrade.Result{}, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(a.up.stop, cancel)()
+	a.log.Info("upgrade: starting the new agent", "binary", path, "connections", a.Proxy.Active())
+	src := &source{a: a}
+	s, err := upgrade.Hand(ctx, upgrade.Spec{
+		Path: path, Args: os.Args[1:], Env: os.Environ(),
+		Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
+	}, src, a.up.opts)
+	if err != nil {
+		if !src.resumed {
+			_ = a.Proxy.ResumeHandoff(nil, nil) // failed before anything moved
+		}
+		a.log.Error("upgrade failed; this agent keeps serving", "err", err)
+		return upgrade.Result{}, err
+	}
+	a.up.session = s
+	close(a.up.committed)
+	r := s.Result
+	a.log.Info("upgrade: the new agent serves", "pid", r.PID, "listeners", r.Listeners, "connections", r.Conns,
+		"adopted", r.Adopted, "paused", r.Paused.Round(time.Microsecond), "detach", r.Detach.Round(time.Microsecond),
+		"send", r.Send.Round(time.Microsecond), "check", r.Check.Round(time.Microsecond), "adopt", r.Adopt.Round(time.Microsecond),
+		"took", r.Took.Round(time.Microsecond))
+	return r, nil
+}
+
+// upgradeOnSignal runs an upgrade for SIGUSR2 in the background.
+func (a *Agent) upgradeOnSignal() {
+	go func() {
+		if _, err := a.Upgrade(a.up.stop, ""); err != nil {
+			a.log.Error("SIGUSR2: upgrade not done", "err", err)
+		}
+	}()
+}
+
+// settleUpgrade cancels an upgrade in progress when the agent is told to
+// stop, waits for it, and reports whether one committed (then Run must
+// exit through finishUpgrade, not drain).
+func (a *Agent) settleUpgrade() bool {
+	a.up.cancel()
+	a.up.mu.Lock()
+	defer a.up.mu.Unlock()
+	select {
+	case <-a.up.committed:
+		return true
+	default:
+		return false
+	}
+}
+
+// finishUpgrade is the old agent's exit after a committed upgrade: the
+// admin socket and metrics address go to the new agent, connections that
+// handshakes established after the pause are served until they close (at
+// most drain_timeout), then everything stops. No STOPPING=1: the unit is
+// not stopping, its main process changed.
+func (a *Agent) finishUpgrade() error {
+	s := a.up.session
+	a.stopEndpoints()
+	if err := s.Released(); err != nil {
+		a.log.Warn("upgrade: telling the new agent the endpoints are free", "err", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.D())
+	defer cancel()
+	if n := a.Proxy.Active(); n > 0 {
+		a.log.Info("upgrade: serving connections established during the hand-off until they close", "connections", n)
+	}
+	a.Proxy.Shutdown(ctx, min(a.cfg.DrainTimeout.D()/10, 5*time.Second))
+	a.Health.Stop()
+	a.stopPlanes()
+	a.access.close()
+	a.log.Info("stopped: handed over", "pid", s.Result.PID)
+	return nil
+}
+
+// source is the old agent's side of package upgrade.
+type source struct {
+	a       *Agent
+	ls      []proxy.ListenerFile
+	hs      []*proxy.Handed
+	resumed bool
+}
+
+func (s *source) Listeners() ([]upgrade.Listener, error) {
+	ls, err := s.a.Proxy.ListenerFiles()
+	if err != nil {
+		return nil, err
+	}
+	s.ls = ls
+	out := make([]upgrade.Listener, len(ls))
+	for i, l := range ls {
+		out[i] = upgrade.Listener{Name: l.Name, Address: l.Address, File: l.File}
+	}
+	return out, nil
+}
+
+func (s *source) Pause(ctx context.Context) error {
+	s.a.Proxy.PauseAccepting(ctx)
+	return nil
+}
+
+func (s *source) Detach() ([]upgrade.Conn, error) {
+	hs, err := s.a.Proxy.Detach()
+	s.hs = hs
+	out := make([]upgrade.Conn, len(hs))
+	for i, h := range hs {
+		out[i] = upgrade.Conn{Record: h.Record, Client: h.Client, Backend: h.Backend}
+	}
+	return out, err
+}
+
+func (s *source) Resume([]upgrade.Conn) error {
+	s.resumed = true
+	return s.a.Proxy.ResumeHandoff(s.ls, s.hs)
+}
+
+func (s *source) Commit([]upgrade.Conn) { s.a.Proxy.CommitHandoff(s.ls, s.hs) }
+
+// upgradeBinary resolves and checks the binary an upgrade runs. It runs
+// with the agent's privileges, so it must be a regular executable file
+// that only root or the agent's user can change.
+func upgradeBinary(binary string) (string, error) {
+	path := binary
+	if path == "" {
+		// On Linux this reads /proc/self/exe, minus " (deleted)": the path
+		// the agent was started from, where the new binary was installed.
+		exe, err := os.Executable()
+		if err != nil {
+			return "", fmt.Errorf("upgrade: finding the agent's executable: %w (name one with --binary)", err)
+		}
+		path = exe
+	}
+	if !filepath.IsAbs(path) {
+		return "", fmt.Errorf("upgrade: binary %q: must be an absolute path", path)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return "", fmt.Errorf("upgrade: binary: %w", err)
+	}
+	mode := st.Mode()
+	switch {
+	case !mode.IsRegular():
+		return "", fmt.Errorf("upgrade: binary %s is not a regular file", path)
+	case mode.Perm()&0o111 == 0:
+		return "", fmt.Errorf("upgrade: binary %s is not executable", path)
+	case mode.Perm()&0o022 != 0:
+		return "", fmt.Errorf("upgrade: binary %s is writable by group or others (mode %v): anyone who can change it would run as the agent", path, mode.Perm())
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		if uid := int(sys.Uid); uid != 0 && uid != os.Geteuid() {
+			return "", fmt.Errorf("upgrade: binary %s is owned by uid %d, neither root nor the agent's user", path, uid)
+		}
+	}
+	return path, nil
+}
+
+// Upgrade is the admin API's upgrade verb.
+func (h adminHandler) Upgrade(ctx context.Context, req admin.UpgradeRequest) (admin.UpgradeResult, error) {
+	r, err := h.a.Upgrade(ctx, req.Binary)
+	if err != nil {
+		if errors.Is(err, proxy.ErrCannotHandOff) || errors.Is(err, fs.ErrNotExist) {
+			return admin.UpgradeResult{}, admin.Invalidf("%v", err)
+		}
+		return admin.UpgradeResult{}, err
+	}
+	return admin.UpgradeResult{
+		OldPID: os.Getpid(), NewPID: r.PID, Listeners: r.Listeners, Connections: r.Conns, Adopted: r.Adopted,
+		Paused: r.Paused.Seconds(), Seconds: r.Took.Seconds(),
+	}, nil
+}

@@ -1,0 +1,579 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/wsplice/wsplice/pkg/balance"
+	"github.com/wsplice/wsplice/pkg/config"
+	"github.com/wsplice/wsplice/pkg/dataplane"
+	"golang.org/x/time/rate"
+)
+
+// The proxy's part of a binary upgrade (package upgrade runs the
+// protocol, the agent wires the two). The old agent: BeginHandoff,
+// ListenerFiles, PauseAccepting, Detach, then CommitHandoff or, if the
+// upgrade failed, ResumeHandoff. The new agent: Inherit, Open, then Adopt
+// each connection and Start.
+
+// handoffState is the Server's hand-off bookkeeping.
+type handoffState struct {
+	inflight atomic.Int64 // handshakes between accept and the data plane
+
+	mu        sync.Mutex
+	active    bool                // an upgrade runs: reloads are refused
+	done      bool                // handed over: nothing to serve any more
+	inherited map[string]*os.File // new agent: listening sockets by configured address
+	opened    []*socket           // new agent: opened by Open, served by Start
+	isOpened  bool
+	orphans   map[string]*balance.Pool // backends of adopted connections that are in no pool
+}
+
+// ListenerFile is a listening socket in a hand-off: the listener's name,
+// its configured address (what a configuration matches it by) and a
+// duplicate of its descriptor.
+type ListenerFile struct {
+	Name    string
+	Address string
+	File    *os.File
+}
+
+// Handed is one established connection detached for a hand-off: the
+// record the new agent adopts it from, and its two sockets (duplicates
+// owned by the holder).
+type Handed struct {
+	Record  json.RawMessage
+	Client  *os.File
+	Backend *os.File
+	conn    *Conn // the old agent's entry, for ResumeHandoff and CommitHandoff
+	plane   dataplane.Handoff
+	state   json.RawMessage
+	idle    time.Duration
+}
+
+// handoffRecord is a connection as it travels to the new agent.
+type handoffRecord struct {
+	ID          uint64          `json:"id"`
+	Listener    string          `json:"listener"`
+	Route       string          `json:"route"`
+	Pool        string          `json:"pool"`
+	Backend     string          `json:"backend"`
+	Client      netip.AddrPort  `json:"client"`
+	Local       netip.AddrPort  `json:"local"`
+	BackendTo   netip.AddrPort  `json:"backend_to"`
+	BackendFrom netip.AddrPort  `json:"backend_from"`
+	Start       time.Time       `json:"start"`
+	Upgrade     bool            `json:"upgrade,omitempty"`
+	Status      int             `json:"status,omitempty"`
+	Handshake   time.Duration   `json:"handshake"`
+	Connect     time.Duration   `json:"connect"`
+	IdleTimeout time.Duration   `json:"idle_timeout,omitempty"`
+	Plane       dataplane.Kind  `json:"plane"`
+	State       json.RawMessage `json:"state"`
+}
+
+// BeginHandoff checks that every established connection can move to
+// another process and blocks reloads until ResumeHandoff. The error says
+// which connections cannot, and why; nothing changes then.
+func (s *Server) BeginHandoff() error {
+	s.mu.Lock() // no Reload or Shutdown in between
+	defer s.mu.Unlock()
+	if s.draining.Load() {
+		return errors.New("the agent is draining")
+	}
+	s.ho.mu.Lock()
+	defer s.ho.mu.Unlock()
+	if s.ho.active || s.ho.done {
+		return errors.New("an upgrade is already in progress")
+	}
+	if err := s.checkHandoff(); err != nil {
+		return err
+	}
+	s.ho.active = true
+	return nil
+}
+
+// checkHandoff names the connections on planes that cannot hand over.
+func (s *Server) checkHandoff() error {
+	stuck := map[dataplane.Kind]int{}
+	for _, c := range s.table.snapshot() {
+		if _, ok := c.Plane.(dataplane.Handoff); !ok {
+			stuck[c.Plane.Kind()]++
+		}
+	}
+	if len(stuck) == 0 {
+		return nil
+	}
+	var parts []string
+	for k, n := range stuck {
+		why := "it cannot hand connections to another process"
+		switch k {
+		case dataplane.KindSockmap:
+			why = "its sockets sit in this process's BPF maps and taking them out safely (DESIGN.md facts 12–15) is not implemented for upgrades yet"
+		case dataplane.KindCopy:
+			why = "their TLS session state lives in this process"
+		}
+		parts = append(parts, fmt.Sprintf("%d on the %s data plane (%s)", n, k, why))
+	}
+	sort.Strings(parts)
+	return fmt.Errorf("%w: %s; the running agent keeps serving — wait until they close, or run with dataplane: splice", ErrCannotHandOff, strings.Join(parts, ", "))
+}
+
+// ErrCannotHandOff is returned (wrapped) by BeginHandoff and Detach when
+// a connection is on a data plane that cannot move it.
+var ErrCannotHandOff = errors.New("upgrade refused: connections that cannot move to a new process")
+
+// handoffBusy is the reload guard (Reload).
+func (s *Server) handoffBusy() error {
+	s.ho.mu.Lock()
+	defer s.ho.mu.Unlock()
+	switch {
+	case s.ho.done:
+		return errors.New("reload: the agent has handed over to a new process")
+	case s.ho.active:
+		return errors.New("reload: an upgrade is in progress; try again once it has finished")
+	}
+	return nil
+}
+
+// ListenerFiles returns a duplicate of every listening socket, which keeps
+// accepting here meanwhile.
+func (s *Server) ListenerFiles() ([]ListenerFile, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []ListenerFile
+	for addr, sk := range s.listeners {
+		f, err := sk.ln.File()
+		if err != nil {
+			for _, o := range out {
+				o.File.Close()
+			}
+			return nil, fmt.Errorf("duplicating listener %s: %w", addr, err)
+		}
+		out = append(out, ListenerFile{Name: sk.cur.Load().cfg.Name, Address: addr, File: f})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Address < out[j].Address })
+	return out, nil
+}
+
+// PauseAccepting stops every accept loop by closing this process's
+// listener descriptors — the sockets stay open through the duplicates
+// from ListenerFiles, and new clients wait in their backlog — then waits
+// for handshakes in progress until ctx ends. A handshake still running
+// then establishes its connection here later; it is served until it
+// closes or the drain deadline.
+func (s *Server) PauseAccepting(ctx context.Context) {
+	s.mu.Lock()
+	for _, sk := range s.listeners {
+		sk.closed.Store(true)
+		sk.ln.Close()
+	}
+	s.mu.Unlock()
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for s.ho.inflight.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			s.log.Warn("upgrade: handshakes still in progress; their connections stay with this process", "handshakes", s.ho.inflight.Load())
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Detach takes every established connection off its data plane (open
+// and untouched) and out of the table, and returns them in id order. If a
+// connection cannot move the error wraps ErrCannotHandOff; those that were
+// detached are returned all the same, for ResumeHandoff.
+func (s *Server) Detach() ([]*Handed, error) {
+	byPlane := map[dataplane.Handoff][]uint64{}
+	conns := map[uint64]*Conn{}
+	var errs []error
+	if err := s.checkHandoff(); err != nil {
+		return nil, err
+	}
+	for _, c := range s.table.snapshot() {
+		h := c.Plane.(dataplane.Handoff)
+		byPlane[h] = append(byPlane[h], c.ID)
+		conns[c.ID] = c
+	}
+	var out []*Handed
+	for h, ids := range byPlane {
+		ds, err := h.Detach(ids)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, d := range ds {
+			c := conns[d.ID]
+			rec, err := json.Marshal(handoffRecord{
+				ID: c.ID, Listener: c.Listener, Route: c.Route, Pool: c.Pool, Backend: c.Backend,
+				Client: c.Client, Local: c.Local, BackendTo: c.BackendTo, BackendFrom: c.BackendFrom,
+				Start: c.Start, Upgrade: c.Upgrade, Status: c.Status, Handshake: c.Handshake, Connect: c.Connect,
+				IdleTimeout: d.IdleTimeout, Plane: d.Kind, State: d.State,
+			})
+			if err != nil {
+				errs = append(errs, err)
+			}
+			s.table.remove(c.ID)
+			out = append(out, &Handed{Record: rec, Client: d.Client, Backend: d.Backend, conn: c, plane: h, state: d.State, idle: d.IdleTimeout})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].conn.ID < out[j].conn.ID })
+	// A straggler handshake may have reached a plane that cannot move.
+	if err := s.checkHandoff(); err != nil {
+		errs = append(errs, err)
+	}
+	return out, errors.Join(errs...)
+}
+
+// ResumeHandoff undoes a failed upgrade: every detached connection goes
+// back on its data plane with its own Done (the process that was to adopt
+// it is gone, so the sockets have not moved a byte elsewhere), every
+// listener accepts again from ls, and all the files are closed. A
+// connection that cannot be re-attached is closed and reported.
+func (s *Server) ResumeHandoff(ls []ListenerFile, hs []*Handed) error {
+	var errs []error
+	for _, h := range hs {
+		if err := s.reattach(h); err != nil {
+			errs = append(errs, fmt.Errorf("connection %d: %w", h.conn.ID, err))
+		}
+	}
+	s.mu.Lock()
+	for _, l := range ls {
+		sk := s.listeners[l.Address]
+		if sk == nil || !sk.closed.Load() {
+			l.File.Close()
+			continue // not paused (Pause never ran)
+		}
+		ln, err := net.FileListener(l.File)
+		l.File.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("listener %s: %w", l.Address, err))
+			continue
+		}
+		nsk := &socket{ln: ln.(*net.TCPListener)}
+		nsk.cur.Store(sk.cur.Load())
+		s.listeners[l.Address] = nsk
+		s.serve(nsk)
+	}
+	s.mu.Unlock()
+	s.ho.mu.Lock()
+	s.ho.active = false
+	s.ho.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+func (s *Server) reattach(h *Handed) error {
+	defer h.Client.Close()
+	defer h.Backend.Close()
+	c := h.conn
+	cl, be, err := fileConns(h.Client, h.Backend)
+	if err != nil {
+		return err
+	}
+	lim, key := s.lim.Load(), c.clientKey
+	var once sync.Once
+	release := func() { once.Do(func() { lim.release(key) }) }
+	dc := &dataplane.Conn{ID: c.ID, Client: cl, Backend: be, IdleTimeout: h.idle,
+		Done: func(r dataplane.Result) { s.closed(c, r, release) }}
+	s.table.add(c)
+	if err := h.plane.Adopt(dc, h.state); err != nil {
+		s.table.remove(c.ID)
+		cl.SetLinger(0)
+		be.SetLinger(0)
+		cl.Close()
+		be.Close()
+		s.closed(c, dataplane.Result{Reason: dataplane.ReasonError, Err: err}, release)
+		return err
+	}
+	return nil
+}
+
+// CommitHandoff lets go of what a committed upgrade handed over: the
+// detached connections' limiter slots and backend counts, and every file.
+// The connections are not closed (the new process holds them) and no
+// close is reported for them: the new agent reports it when they end.
+// The listeners are gone from this Server; Shutdown only drains what
+// handshakes established after the pause.
+func (s *Server) CommitHandoff(ls []ListenerFile, hs []*Handed) {
+	for _, h := range hs {
+		s.lim.Load().release(h.conn.clientKey)
+		h.conn.backend.Release()
+		h.Client.Close()
+		h.Backend.Close()
+	}
+	s.mu.Lock()
+	for _, l := range ls {
+		l.File.Close()
+		delete(s.listeners, l.Address)
+	}
+	s.mu.Unlock()
+	s.ho.mu.Lock()
+	s.ho.active, s.ho.done = false, true
+	s.ho.mu.Unlock()
+}
+
+// Inherit gives a new agent the old one's listening sockets: Open (or
+// Start) uses them for the listeners configured at the same address
+// instead of binding, and closes those no listener uses any more.
+func (s *Server) Inherit(ls []ListenerFile) {
+	s.ho.mu.Lock()
+	defer s.ho.mu.Unlock()
+	s.ho.inherited = map[string]*os.File{}
+	for _, l := range ls {
+		s.ho.inherited[l.Address] = l.File
+	}
+}
+
+// listen opens the socket of lc: an inherited one when there is one for
+// its address, else a new one (Listen).
+func (s *Server) listen(lc config.Listener) (*net.TCPListener, error) {
+	s.ho.mu.Lock()
+	f := s.ho.inherited[lc.Address]
+	delete(s.ho.inherited, lc.Address)
+	s.ho.mu.Unlock()
+	if f == nil {
+		return Listen(lc.Address, lc.Backlog)
+	}
+	defer f.Close()
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: inherited socket: %w", lc.Address, err)
+	}
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		ln.Close()
+		return nil, fmt.Errorf("listener %s: inherited socket is not TCP", lc.Address)
+	}
+	return tl, nil
+}
+
+// Open opens every configured listener — inherited sockets first — without
+// accepting: Start accepts on them. On error nothing is left open.
+func (s *Server) Open() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.state.Load()
+	opened, err := s.open(st.cfg.Listeners, st)
+	if err != nil {
+		return err
+	}
+	s.ho.mu.Lock()
+	s.ho.opened, s.ho.isOpened = opened, true
+	s.ho.mu.Unlock()
+	s.closeInherited()
+	return nil
+}
+
+// openForStart is Start's source of sockets: those Open prepared, or new
+// ones.
+func (s *Server) openForStart(st *state) ([]*socket, error) {
+	s.ho.mu.Lock()
+	opened, ok := s.ho.opened, s.ho.isOpened
+	s.ho.opened, s.ho.isOpened = nil, false
+	s.ho.mu.Unlock()
+	if ok {
+		return opened, nil
+	}
+	defer s.closeInherited()
+	return s.open(st.cfg.Listeners, st)
+}
+
+// closeInherited closes inherited sockets no listener took: the old agent
+// listened there, this configuration does not.
+func (s *Server) closeInherited() {
+	s.ho.mu.Lock()
+	defer s.ho.mu.Unlock()
+	for addr, f := range s.ho.inherited {
+		s.log.Info("inherited listener closed: not in this configuration", "address", addr)
+		f.Close()
+	}
+	s.ho.inherited = nil
+}
+
+// Abandon closes what Inherit and Open prepared, for a new agent that gives
+// up before Start.
+func (s *Server) Abandon() {
+	s.ho.mu.Lock()
+	opened := s.ho.opened
+	s.ho.opened, s.ho.isOpened = nil, false
+	s.ho.mu.Unlock()
+	for _, sk := range opened {
+		sk.ln.Close()
+	}
+	s.closeInherited()
+}
+
+// CheckHandoff tells whether this Server can adopt the connection record
+// describes (its plane is here and can adopt), before the old agent lets
+// go of it.
+func (s *Server) CheckHandoff(record json.RawMessage) error {
+	var r handoffRecord
+	if err := json.Unmarshal(record, &r); err != nil {
+		return fmt.Errorf("connection record: %w", err)
+	}
+	if _, err := s.adopter(r.Plane); err != nil {
+		return fmt.Errorf("connection %d: %w", r.ID, err)
+	}
+	return nil
+}
+
+func (s *Server) adopter(k dataplane.Kind) (dataplane.Handoff, error) {
+	for _, p := range []dataplane.Plane{s.planes.Splice, s.planes.Sockmap} {
+		if p == nil || p.Kind() != k {
+			continue
+		}
+		if h, ok := p.(dataplane.Handoff); ok {
+			return h, nil
+		}
+		return nil, fmt.Errorf("the %s data plane cannot adopt connections", k)
+	}
+	return nil, fmt.Errorf("no %s data plane in this agent", k)
+}
+
+// Adopt takes over one connection handed over by the old agent: the
+// connection table gets its entry (same id, start time, route, backend),
+// the limits and the backend count it, and its data plane resumes it. The
+// files are closed in every case (the plane holds its own descriptors).
+// On error the connection is closed (RST both ways) and not counted.
+func (s *Server) Adopt(record json.RawMessage, client, backend *os.File) error {
+	defer client.Close()
+	defer backend.Close()
+	var r handoffRecord
+	if err := json.Unmarshal(record, &r); err != nil {
+		return fmt.Errorf("connection record: %w", err)
+	}
+	plane, err := s.adopter(r.Plane)
+	if err != nil {
+		return fmt.Errorf("connection %d: %w", r.ID, err)
+	}
+	cl, be, err := fileConns(client, backend)
+	if err != nil {
+		return fmt.Errorf("connection %d: %w", r.ID, err)
+	}
+	b, err := s.adoptBackend(r.Pool, r.Backend)
+	if err != nil {
+		cl.Close()
+		be.Close()
+		return fmt.Errorf("connection %d: %w", r.ID, err)
+	}
+	lim := s.lim.Load()
+	key := lim.adopt(r.Client.Addr(), time.Now())
+	conn := &Conn{
+		ID: r.ID, Listener: r.Listener, Route: r.Route, Pool: r.Pool, Backend: r.Backend,
+		Client: r.Client, Local: r.Local, BackendTo: r.BackendTo, BackendFrom: r.BackendFrom,
+		Start: r.Start, Upgrade: r.Upgrade, Status: r.Status, Handshake: r.Handshake, Connect: r.Connect,
+		Plane: plane, backend: b, clientKey: key,
+	}
+	var once sync.Once
+	release := func() { once.Do(func() { lim.release(key) }) }
+	// New connections get ids above every adopted one.
+	for {
+		cur := s.ids.Load()
+		if cur >= r.ID || s.ids.CompareAndSwap(cur, r.ID) {
+			break
+		}
+	}
+	dc := &dataplane.Conn{ID: r.ID, Client: cl, Backend: be, IdleTimeout: r.IdleTimeout,
+		Done: func(res dataplane.Result) { s.closed(conn, res, release) }}
+	s.table.add(conn)
+	if err := plane.Adopt(dc, r.State); err != nil {
+		s.table.remove(r.ID)
+		release()
+		b.Release()
+		cl.SetLinger(0)
+		be.SetLinger(0)
+		cl.Close()
+		be.Close()
+		return fmt.Errorf("connection %d: %w", r.ID, err)
+	}
+	return nil
+}
+
+// adoptBackend counts an adopted connection on its backend: the pool's
+// backend of that address, or — when a new configuration dropped it — a
+// stand-in outside every pool, so the connection is still counted and
+// released like any other.
+func (s *Server) adoptBackend(pool, addr string) (*balance.Backend, error) {
+	if p := s.state.Load().pools[pool]; p != nil {
+		for _, b := range p.Backends() {
+			if b.Address() == addr {
+				b.Acquire()
+				return b, nil
+			}
+		}
+	}
+	s.ho.mu.Lock()
+	defer s.ho.mu.Unlock()
+	key := pool + "/" + addr
+	op := s.ho.orphans[key]
+	if op == nil {
+		var err error
+		if op, err = balance.NewPool("handed-over:"+pool, []balance.BackendSpec{{Address: addr, Down: true}}, balance.Options{}); err != nil {
+			return nil, err
+		}
+		if s.ho.orphans == nil {
+			s.ho.orphans = map[string]*balance.Pool{}
+		}
+		s.ho.orphans[key] = op
+	}
+	b := op.Backends()[0]
+	b.Acquire()
+	return b, nil
+}
+
+// fileConns makes the two sockets of a connection from handed-over files
+// (duplicating the descriptors; the files stay the caller's).
+func fileConns(client, backend *os.File) (*net.TCPConn, *net.TCPConn, error) {
+	var out [2]*net.TCPConn
+	for i, f := range []*os.File{client, backend} {
+		c, err := net.FileConn(f)
+		if err == nil {
+			tc, ok := c.(*net.TCPConn)
+			if !ok {
+				c.Close()
+				err = fmt.Errorf("descriptor is a %T, not a TCP socket", c)
+			}
+			out[i] = tc
+		}
+		if err != nil {
+			if out[0] != nil && i == 1 {
+				out[0].Close()
+			}
+			return nil, nil, err
+		}
+	}
+	return out[0], out[1], nil
+}
+
+// adopt counts a connection handed over from the old agent: like admit,
+// but never refused — the connection exists already.
+func (l *limiter) adopt(a netip.Addr, now time.Time) netip.Addr {
+	k := l.key(a)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.total++
+	st := l.perAddr[k]
+	if st == nil && (l.perIP > 0 || l.perIPRate > 0) {
+		st = &ipState{}
+		if l.perIPRate > 0 {
+			st.bucket = rate.NewLimiter(l.perIPRate, l.perIPBurst)
+		}
+		l.perAddr[k] = st
+	}
+	if st != nil {
+		st.conns++
+		st.lastUse = now
+	}
+	return k
+}

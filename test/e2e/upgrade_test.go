@@ -1,0 +1,676 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/wsplice/wsplice/pkg/admin"
+	"github.com/wsplice/wsplice/pkg/config"
+	"github.com/wsplice/wsplice/pkg/proxy"
+	"github.com/wsplice/wsplice/test/testutil"
+)
+
+// The upgrade tests run the agent as a child process (this test binary,
+// see TestMain in protect_test.go): an upgrade starts the same binary with
+// the same arguments, which takes over and lets the old process exit.
+
+// upConns is how many connections carry traffic through the upgrades:
+// the test holds both ends of each (2 descriptors), the agent two more,
+// and during a hand-off the old and new agent hold theirs at once.
+func upConns() int {
+	if n, err := strconv.Atoi(os.Getenv("WSPLICE_E2E_UPGRADE_CONNS")); err == nil && n > 0 {
+		return n
+	}
+	if testing.Short() {
+		return 200
+	}
+	return 2000
+}
+
+// childAgent is an agent process started by the test and its successors.
+type childAgent struct {
+	t      *testing.T
+	first  *exec.Cmd
+	stdin  *os.File // closing it stops whichever agent is current
+	lines  chan string
+	stderr *os.File
+	admin  *admin.Client
+	sock   string
+	addr   string
+}
+
+func startChildAgent(t *testing.T, cfg *config.Config) *childAgent {
+	t.Helper()
+	dir := t.TempDir()
+	cfg.Admin.Socket = filepath.Join(dir, "admin.sock")
+	cfg.SetDefaults()
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	js, _ := json.Marshal(cfg)
+	// Real files, not pipes copied by exec: every later agent inherits
+	// them, and Wait must not wait for those.
+	inR, inW, _ := os.Pipe()
+	outR, outW, _ := os.Pipe()
+	errF, err := os.Create(filepath.Join(dir, "agents.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "WSPLICE_E2E_AGENT="+string(js))
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errF
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	inR.Close()
+	outW.Close()
+	a := &childAgent{t: t, first: cmd, stdin: inW, lines: make(chan string, 64), stderr: errF, sock: cfg.Admin.Socket, admin: admin.NewClient(cfg.Admin.Socket)}
+	go func() {
+		sc := bufio.NewScanner(outR)
+		for sc.Scan() {
+			a.lines <- sc.Text()
+		}
+		close(a.lines)
+	}()
+	t.Cleanup(func() {
+		a.stop()
+		go cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(errF.Name())
+			t.Logf("agent logs (last 6000 bytes):\n%s", tail(grepv(string(b), "level=DEBUG"), 6000))
+		}
+	})
+	select {
+	case line := <-a.lines:
+		a.addr = strings.TrimPrefix(line, "LISTEN ")
+	case <-time.After(60 * time.Second):
+		t.Fatalf("the agent did not start:\n%s", a.logs())
+	}
+	a.waitPID(cmd.Process.Pid)
+	return a
+}
+
+func (a *childAgent) logs() string {
+	b, _ := os.ReadFile(a.stderr.Name())
+	return tail(string(b), 4000)
+}
+
+// stop closes the agents' stdin (the current one drains and exits) and
+// waits until its pid is gone.
+func (a *childAgent) stop() {
+	pid := a.pid()
+	a.stdin.Close()
+	if pid > 0 {
+		waitGone(pid, 20*time.Second)
+	}
+	a.admin.Close()
+}
+
+// pid asks the agent on the admin socket for its pid (0 if none answers).
+func (a *childAgent) pid() int {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := a.admin.Status(ctx)
+	if err != nil {
+		return 0
+	}
+	return st.PID
+}
+
+// waitPID waits until the agent answering on the admin socket is pid.
+func (a *childAgent) waitPID(pid int) {
+	a.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got := a.pid()
+		if got == pid {
+			return
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("the admin socket answers for pid %d, want %d\n%s", got, pid, a.logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// gone reports whether pid has exited (no such process, or a zombie
+// waiting for its parent).
+func gone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// pid (comm) S ...: the state follows the last ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] == 'Z' || s[i+2] == 'X'
+}
+
+func waitGone(pid int, within time.Duration) bool {
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if gone(pid) {
+			return true
+		}
+	}
+	return false
+}
+
+// fdCount counts the open descriptors of pid.
+func fdCount(t *testing.T, pid int) int {
+	t.Helper()
+	es, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatalf("fds of %d: %v", pid, err)
+	}
+	return len(es)
+}
+
+// Messages: seq (4 bytes), length (2), payload, CRC-32 of all before it
+// (4). The payload is a function of the connection and the sequence
+// number, so both ends can check every byte, and the sequence number
+// shows a lost, repeated or reordered message.
+const msgHead = 6
+
+func msgPayload(conn, seq uint32, b []byte) []byte {
+	r := rand.NewPCG(uint64(conn), uint64(seq))
+	n := 16 + int(r.Uint64()%480)
+	b = b[:0]
+	for len(b) < n {
+		b = binary.LittleEndian.AppendUint64(b, r.Uint64())
+	}
+	return b[:n]
+}
+
+func appendMsg(b []byte, conn, seq uint32, scratch []byte) []byte {
+	p := msgPayload(conn, seq, scratch)
+	b = binary.BigEndian.AppendUint32(b, seq)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(p)))
+	b = append(b, p...)
+	return binary.BigEndian.AppendUint32(b, crc32.ChecksumIEEE(b))
+}
+
+// readMsg reads one message and checks it is message want of conn.
+func readMsg(br *bufio.Reader, conn, want uint32, buf, scratch []byte) ([]byte, error) {
+	head := buf[:msgHead]
+	if _, err := io.ReadFull(br, head); err != nil {
+		return nil, err
+	}
+	n := int(binary.BigEndian.Uint16(head[4:]))
+	m := buf[:msgHead+n+4]
+	if _, err := io.ReadFull(br, m[msgHead:]); err != nil {
+		return nil, err
+	}
+	seq := binary.BigEndian.Uint32(m)
+	if crc32.ChecksumIEEE(m[:msgHead+n]) != binary.BigEndian.Uint32(m[msgHead+n:]) {
+		return nil, fmt.Errorf("conn %d: message %d (expected %d): checksum mismatch", conn, seq, want)
+	}
+	if seq != want {
+		return nil, fmt.Errorf("conn %d: got message %d, want %d (lost, repeated or reordered)", conn, seq, want)
+	}
+	if p := msgPayload(conn, seq, scratch); string(p) != string(m[msgHead:msgHead+n]) {
+		return nil, fmt.Errorf("conn %d: message %d: payload differs", conn, seq)
+	}
+	return m, nil
+}
+
+// msgBackend accepts upgrades, answers 101 and echoes every message after
+// checking it; it records how many each connection sent.
+type msgBackend struct {
+	ln   net.Listener
+	recv sync.Map // conn id → *atomic.Uint32 (messages checked)
+	errs atomic.Int64
+	err  atomic.Pointer[error]
+}
+
+func startMsgBackend(t *testing.T) *msgBackend {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &msgBackend{ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go b.serve(c)
+		}
+	}()
+	return b
+}
+
+func (b *msgBackend) fail(err error) {
+	if b.errs.Add(1) == 1 {
+		b.err.Store(&err)
+	}
+}
+
+func (b *msgBackend) serve(c net.Conn) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	head, err := readHead(br)
+	if err != nil {
+		return
+	}
+	var id uint32
+	for _, l := range strings.Split(head, "\r\n") {
+		if v, ok := strings.CutPrefix(l, "X-Conn: "); ok {
+			n, _ := strconv.Atoi(v)
+			id = uint32(n)
+		}
+	}
+	if _, err := io.WriteString(c, switching); err != nil {
+		return
+	}
+	cnt := new(atomic.Uint32)
+	b.recv.Store(id, cnt)
+	buf, scratch := make([]byte, 1024), make([]byte, 0, 512)
+	for seq := uint32(0); ; seq++ {
+		m, err := readMsg(br, id, seq, buf, scratch)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				b.fail(fmt.Errorf("backend: %w", err))
+			}
+			return
+		}
+		cnt.Add(1)
+		if _, err := c.Write(m); err != nil {
+			return
+		}
+	}
+}
+
+// msgClient is one connection sending numbered messages at random
+// intervals and checking their echoes.
+type msgClient struct {
+	id         uint32
+	c          *net.TCPConn
+	br         *bufio.Reader
+	sent, echo atomic.Uint32
+	err        atomic.Pointer[error]
+	done       chan struct{} // reader finished
+	wdone      chan struct{} // writer finished
+}
+
+func dialMsgClient(addr string, id uint32) (*msgClient, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	req := upgradeRequest("/ws/", fmt.Sprintf("X-Conn: %d\r\n", id))
+	if _, err := io.WriteString(c, req); err != nil {
+		c.Close()
+		return nil, err
+	}
+	br := bufio.NewReader(c)
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	head, err := readHead(br)
+	c.SetReadDeadline(time.Time{})
+	if err != nil || !strings.HasPrefix(head, "HTTP/1.1 101") {
+		c.Close()
+		return nil, fmt.Errorf("conn %d: handshake: %q %v", id, firstLine(head), err)
+	}
+	return &msgClient{id: id, c: c.(*net.TCPConn), br: br, done: make(chan struct{}), wdone: make(chan struct{})}, nil
+}
+
+func (m *msgClient) setErr(err error) {
+	m.err.CompareAndSwap(nil, &err)
+}
+
+// run sends until stop closes, then reports; the reader checks echoes.
+func (m *msgClient) run(stop <-chan struct{}, wg *sync.WaitGroup) {
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		defer close(m.done)
+		buf, scratch := make([]byte, 1024), make([]byte, 0, 512)
+		for seq := uint32(0); ; seq++ {
+			if _, err := readMsg(m.br, m.id, seq, buf, scratch); err != nil {
+				if !errors.Is(err, net.ErrClosed) {
+					m.setErr(fmt.Errorf("client reading: %w", err))
+				}
+				return
+			}
+			m.echo.Add(1)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		defer close(m.wdone)
+		r := rand.New(rand.NewPCG(uint64(m.id), 7))
+		var b []byte
+		scratch := make([]byte, 0, 512)
+		for seq := uint32(0); ; seq++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Duration(100+r.IntN(200)) * time.Millisecond):
+			}
+			b = appendMsg(b[:0], m.id, seq, scratch)
+			m.c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if _, err := m.c.Write(b); err != nil {
+				m.setErr(fmt.Errorf("client writing message %d: %w", seq, err))
+				return
+			}
+			m.sent.Add(1)
+		}
+	}()
+}
+
+// msgFleet is every connection of the test.
+type msgFleet struct {
+	t       *testing.T
+	backend *msgBackend
+	clients []*msgClient
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+func startFleet(t *testing.T, addr string, b *msgBackend, n int) *msgFleet {
+	t.Helper()
+	f := &msgFleet{t: t, backend: b, clients: make([]*msgClient, n), stop: make(chan struct{})}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var ferr atomic.Pointer[error]
+	for range 32 {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n || ferr.Load() != nil {
+					return
+				}
+				c, err := dialMsgClient(addr, uint32(i))
+				if err != nil {
+					ferr.CompareAndSwap(nil, &err)
+					return
+				}
+				f.clients[i] = c
+			}
+		})
+	}
+	wg.Wait()
+	if e := ferr.Load(); e != nil {
+		t.Fatalf("connecting: %v", *e)
+	}
+	for _, c := range f.clients {
+		c.run(f.stop, &f.wg)
+	}
+	t.Cleanup(func() {
+		for _, c := range f.clients {
+			if c != nil {
+				c.c.Close()
+			}
+		}
+	})
+	return f
+}
+
+// check fails the test on the first error of any connection or the backend.
+func (f *msgFleet) check() {
+	f.t.Helper()
+	if e := f.backend.err.Load(); e != nil {
+		f.t.Fatalf("%d backend errors, first: %v", f.backend.errs.Load(), *e)
+	}
+	for _, c := range f.clients {
+		if e := c.err.Load(); e != nil {
+			f.t.Fatalf("connection %d: %v", c.id, *e)
+		}
+	}
+}
+
+// progress waits until every connection has had more echoes than in
+// before (one more round trip through whichever agent serves now).
+func (f *msgFleet) progress(before []uint32, within time.Duration) {
+	f.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		f.check()
+		lag := 0
+		for i, c := range f.clients {
+			if c.echo.Load() <= before[i]+1 {
+				lag++
+			}
+		}
+		if lag == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			f.t.Fatalf("%d of %d connections made no progress in %v", lag, len(f.clients), within)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (f *msgFleet) echoes() []uint32 {
+	out := make([]uint32, len(f.clients))
+	for i, c := range f.clients {
+		out[i] = c.echo.Load()
+	}
+	return out
+}
+
+// finish stops the senders and checks that every message sent arrived at
+// the backend and came back, each exactly once and in order.
+func (f *msgFleet) finish() (msgs uint64) {
+	f.t.Helper()
+	close(f.stop)
+	deadline := time.Now().Add(60 * time.Second)
+	for _, c := range f.clients {
+		<-c.wdone
+		for c.echo.Load() != c.sent.Load() && c.err.Load() == nil {
+			if time.Now().After(deadline) {
+				f.t.Fatalf("connection %d: %d messages sent, %d echoed", c.id, c.sent.Load(), c.echo.Load())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	f.check()
+	for _, c := range f.clients {
+		v, ok := f.backend.recv.Load(c.id)
+		if !ok {
+			f.t.Fatalf("connection %d never reached the backend", c.id)
+		}
+		if got := v.(*atomic.Uint32).Load(); got != c.sent.Load() {
+			f.t.Fatalf("connection %d: %d sent, %d at the backend", c.id, c.sent.Load(), got)
+		}
+		msgs += uint64(c.sent.Load())
+		c.c.Close()
+	}
+	f.wg.Wait()
+	return msgs
+}
+
+func upgradeConfig(backend string, metrics string) *config.Config {
+	cfg := simpleConfig("splice", backend)
+	cfg.Metrics.Address = metrics
+	cfg.Listeners[0].Backlog = 4096
+	return cfg
+}
+
+func freePort(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func healthz(addr string) error {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + addr + "/healthz")
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("/healthz: %s", resp.Status)
+	}
+	return nil
+}
+
+// TestUpgrade: with connections exchanging checksummed, numbered messages
+// continuously, ten upgrades in a row (alternately `wsplice upgrade`
+// through the admin API and SIGUSR2) each hand every connection to a new
+// process: the old process exits, the new one holds the same number of
+// descriptors, every connection keeps moving, the admin socket and the
+// metrics address move too, and at the end every message arrived exactly
+// once and in order, both ways. Then an upgrade to a binary that exits at
+// once fails and leaves the agent serving everything, new clients too.
+func TestUpgrade(t *testing.T) {
+	if testing.Short() {
+		t.Skip("child agents")
+	}
+	n := upConns()
+	b := startMsgBackend(t)
+	metrics := freePort(t)
+	a := startChildAgent(t, upgradeConfig(b.ln.Addr().String(), metrics))
+	t0 := time.Now()
+	f := startFleet(t, a.addr, b, n)
+	t.Logf("%d connections established in %v", n, time.Since(t0).Round(time.Millisecond))
+	pid := a.first.Process.Pid
+	f.progress(f.echoes(), 60*time.Second)
+	base := fdCount(t, pid)
+	if base < 2*n {
+		t.Fatalf("the agent holds %d descriptors for %d connections", base, n)
+	}
+	t.Logf("agent pid %d holds %d descriptors (%d for the connections)", pid, base, 2*n)
+	ctx := context.Background()
+
+	const rounds = 10
+	var counts []int
+	for i := range rounds {
+		before := f.echoes()
+		t1 := time.Now()
+		var newPID int
+		var res admin.UpgradeResult
+		if i%2 == 0 {
+			var err error
+			res, err = a.admin.Upgrade(ctx, "")
+			if err != nil {
+				t.Fatalf("upgrade %d: %v\n%s", i+1, err, a.logs())
+			}
+			newPID = res.NewPID
+			if res.Connections != n || res.Adopted != n || res.OldPID != pid {
+				t.Fatalf("upgrade %d: %+v, want %d connections from pid %d", i+1, res, n, pid)
+			}
+			a.waitPID(newPID)
+		} else {
+			if err := syscall.Kill(pid, syscall.SIGUSR2); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(60 * time.Second)
+			for newPID = a.pid(); newPID == pid || newPID == 0; newPID = a.pid() {
+				if time.Now().After(deadline) {
+					t.Fatalf("upgrade %d (SIGUSR2): pid %d still answers\n%s", i+1, pid, a.logs())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+		took := time.Since(t1)
+		if newPID == pid {
+			t.Fatalf("upgrade %d: same pid", i+1)
+		}
+		if !waitGone(pid, 20*time.Second) {
+			t.Fatalf("upgrade %d: the old agent (pid %d) is still running\n%s", i+1, pid, a.logs())
+		}
+		if line := <-a.lines; line != "LISTEN "+a.addr {
+			t.Fatalf("upgrade %d: the new agent printed %q, want it on %s", i+1, line, a.addr)
+		}
+		f.progress(before, 60*time.Second)
+		if err := healthz(metrics); err != nil {
+			t.Fatalf("upgrade %d: metrics address after the hand-off: %v", i+1, err)
+		}
+		st, err := a.admin.Status(ctx)
+		if err != nil || st.Connections.Active != n || st.Connections.Splice != n {
+			t.Fatalf("upgrade %d: status %+v %v, want %d splice connections", i+1, st.Connections, err, n)
+		}
+		fds := fdCount(t, newPID)
+		counts = append(counts, fds)
+		how := "admin API"
+		if i%2 == 1 {
+			how = "SIGUSR2"
+		}
+		t.Logf("upgrade %2d (%s): pid %d → %d in %v (paused %.0fms), new agent holds %d descriptors",
+			i+1, how, pid, newPID, took.Round(time.Millisecond), res.Paused*1000, fds)
+		// The same connections and sockets; up to 8 idle splice pipes (16
+		// descriptors) come and go with traffic.
+		if fds < 2*n || fds > base+24 {
+			t.Fatalf("upgrade %d: the new agent holds %d descriptors, the first held %d: a leak", i+1, fds, base)
+		}
+		pid = newPID
+	}
+	t.Logf("descriptors after each upgrade: %v (first agent %d)", counts, base)
+	if lf, err := os.ReadFile(a.stderr.Name()); err == nil {
+		for _, l := range strings.Split(string(lf), "\n") {
+			if strings.Contains(l, "upgrade: the new agent serves") || strings.Contains(l, "upgrade: took over") {
+				t.Log(l)
+			}
+		}
+	}
+
+	// A binary that exits at once: the upgrade fails, the agent serves on.
+	before := f.echoes()
+	_, err := a.admin.Upgrade(ctx, "/bin/false")
+	if err == nil || !strings.Contains(err.Error(), "exit") {
+		t.Fatalf("upgrade to /bin/false: %v, want a failure saying the new agent exited", err)
+	}
+	t.Logf("failed upgrade: %v", err)
+	if got := a.pid(); got != pid {
+		t.Fatalf("after the failed upgrade pid %d answers, want %d", got, pid)
+	}
+	f.progress(before, 60*time.Second)
+	c, err := dialMsgClient(a.addr, uint32(n))
+	if err != nil {
+		t.Fatalf("a new client after the failed upgrade: %v", err)
+	}
+	c.c.Close()
+	if fds := fdCount(t, pid); fds < 2*n || fds > base+24 {
+		t.Fatalf("after the failed upgrade the agent holds %d descriptors (first agent %d)", fds, base)
+	}
+	msgs := f.finish()
+	t.Logf("%d messages each way, every one checked at the backend and back at the client", msgs)
+}
+
+// TestUpgradeRefusesSockmap: while connections are on the sockmap plane
+// the upgrade is refused with an error that says why, and nothing changes.
+func TestUpgradeRefusesSockmap(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	a := startAgent(t, simpleConfig("sockmap", echoBackends(t, 1)...))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := dialWS(t, ctx, a.Addr("ws").String(), "/ws/", nil)
+	defer c.CloseNow()
+	_, err := a.Upgrade(ctx, "")
+	if !errors.Is(err, proxy.ErrCannotHandOff) || !strings.Contains(err.Error(), "1 on the sockmap data plane") {
+		t.Fatalf("upgrade with a sockmap connection: %v", err)
+	}
+	t.Logf("refused: %v", err)
+	if a.Proxy.Active() != 1 {
+		t.Fatalf("%d connections after the refusal", a.Proxy.Active())
+	}
+	// Nothing was paused: new clients connect.
+	c2 := dialWS(t, ctx, a.Addr("ws").String(), "/ws/", nil)
+	c2.CloseNow()
+}
