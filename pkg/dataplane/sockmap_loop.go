@@ -163,10 +163,12 @@ func (s *Sockmap) sockEvent(c *smConn, side int, ev uint32) {
 		if c.first < 0 {
 			c.first = int8(side)
 		}
-		s.makeHot(c)
-		// Poll it in this iteration, not at the next tick: short
-		// connections end with a FIN and should not wait a tick for it.
-		s.urgent = append(s.urgent, c)
+		if c.phase != smFinish { // there copyStep sees the EOF itself
+			s.makeHot(c)
+			// Poll it in this iteration, not at the next tick: short
+			// connections end with a FIN and should not wait a tick.
+			s.urgent = append(s.urgent, c)
+		}
 	}
 	if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 		err := smSockErr(c.fd[side])
@@ -295,6 +297,10 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 		s.backoff(c, now, progress)
 		return
 	case smQueued:
+		return
+	case smFinish:
+		// Out of the maps: epoll drives it (copyStep), not polls.
+		delete(s.hot, c)
 		return
 	case smClosing:
 		if (c.parked[0] == 0 && c.parked[1] == 0) || now-c.phaseAt > int64(smCloseGrace) {

@@ -650,3 +650,44 @@ func TestSockmapIntegrityResetPath(t *testing.T) {
 		t.Logf("reported: %v", r.Err)
 	})
 }
+
+// TestSockmapDemoteHalfClosed: the client has finished sending (its FIN was
+// forwarded), then a slow client reader makes the backend's bytes park and
+// the connection is demoted. Its open direction is finished by the plane
+// in userspace; every byte arrives, then EOF.
+func TestSockmapDemoteHalfClosed(t *testing.T) {
+	smEnv(t, SockmapOptions{ParkedHighWater: 1 << 20}, func(s *Sockmap, e *ptEnv) {
+		p := e.pair(nil)
+		defer p.close()
+		if err := ptWriteStream(p.client, 11, 1000, 1000, true); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ptReadStream(p.backend, 11, 1000, true); err != nil {
+			t.Fatal(err)
+		}
+		const n = 32 << 20
+		werr := make(chan error, 1)
+		go func() { werr <- ptWriteStream(p.backend, 12, n, 64<<10, true) }()
+		var read atomic.Int64
+		slow := make(chan struct{})
+		time.AfterFunc(500*time.Millisecond, func() { close(slow) })
+		if _, err := ptReadStream(&ptRateReader{r: p.client, slow: slow, n: &read}, 12, n, true); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-werr; err != nil {
+			t.Fatal(err)
+		}
+		r := p.wait(t, 5*time.Second)
+		k := s.Counters()
+		t.Logf("result %s demoted=%v %s plane %s; counters finished=%d parked=%d", r.Reason, r.Demoted, r.DemoteReason, r.Plane, k.Finished, k.DemotedParked)
+		if r.Reason != ReasonClientFIN || !r.Demoted || r.DemoteReason != DemoteParked {
+			t.Errorf("result %+v", r)
+		}
+		if r.BackendToClient.Bytes != n || r.ClientToBackend.Bytes != 1000 {
+			t.Errorf("bytes %d/%d", r.ClientToBackend.Bytes, r.BackendToClient.Bytes)
+		}
+		if k.Finished != 1 {
+			t.Errorf("Finished %d, want 1", k.Finished)
+		}
+	})
+}
