@@ -26,8 +26,11 @@ type SockmapOptions struct {
 	// redirected in one direction but not yet queued into the receiving
 	// socket exceed it (DESIGN.md "Adaptive data plane"). The kernel applies
 	// no backpressure on this path (fact 5), so this is what bounds memory:
-	// the real bound is about twice this plus rate × PollInterval. Default
-	// 4 MiB; negative disables parked demotion (unsafe with slow readers).
+	// a quiet connection is looked at after at most ParkedHighWater/4
+	// redirected bytes, so the bound is about 1.25 × this plus rate ×
+	// PollInterval (plus what is in flight while the demotion drains).
+	// Default 4 MiB; negative disables parked demotion (unsafe with slow
+	// readers).
 	ParkedHighWater int64
 	// RateLimit demotes a connection whose bytes/s in either direction,
 	// measured over 50 ms while it is busy, exceed it: bulk flows get
