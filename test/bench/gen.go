@@ -85,7 +85,7 @@ type window struct {
 	pids   []int
 	t0, t1 time.Time
 	c0, c1 cpuStat
-	a0, a1 uint64
+	a0, a1 map[int]uint64
 }
 
 func (w *window) start() {
@@ -106,7 +106,7 @@ func (w *window) fill(r *Result) {
 	// No irq/softirq term: with tick accounting and no IRQ time accounting
 	// (this kernel), softirq ticks are already in the interrupted task's
 	// stime, so adding /proc/stat's softirq would count them twice.
-	r.CPUAttrS = float64(w.a1-w.a0) / clkTck
+	r.CPUAttrS = float64(jiffiesBetween(w.a0, w.a1)) / clkTck
 	r.MachineBusy = busyFraction(w.c0, w.c1)
 	if t := float64(w.c1.total()-w.c0.total()) / clkTck; t > 0 {
 		r.OtherLoad = max(0, r.CPUBusyS-r.CPUAttrS) / t

@@ -39,7 +39,7 @@ func defaultPlan(quick bool) plan {
 			idleConns: 1000, idleRounds: 1, slowDur: 2 * time.Second, slowCap: 256 << 20, slowRate: 1 << 20,
 			retries: 2, waitBudget: 10 * time.Second}
 	}
-	return plan{name: "full", rounds: 3, dur: 2500 * time.Millisecond, warm: 300 * time.Millisecond, hsConc: 16,
+	return plan{name: "full", rounds: 3, dur: 2 * time.Second, warm: 300 * time.Millisecond, hsConc: 16,
 		idleConns: 8000, idleRounds: 1, slowDur: 4 * time.Second, slowCap: 1 << 30, slowRate: 1 << 20,
 		retries: 4, waitBudget: 60 * time.Second}
 }

@@ -111,7 +111,7 @@ func run() error {
 		pin     = flag.Bool("pin", true, "pin the generator to CPU 0 and the proxy to CPU 1 (taskset)")
 		only    = flag.String("targets", "", "comma-separated target names to run (default: all)")
 		rounds  = flag.Int("rounds", 0, "rounds of the interleaved tests (default 3, quick 1)")
-		dur     = flag.Duration("dur", 0, "measurement window per run (default 2.5s, quick 1s)")
+		dur     = flag.Duration("dur", 0, "measurement window per run (default 2s, quick 1s)")
 		idleN   = flag.Int("idle", 0, "idle connections per target (default 8000, quick 1000)")
 		busyMax = flag.Float64("busy", 0.25, "background busy share of the machine above which a run waits and retries")
 		tests   = flag.String("tests", "", "comma-separated tests to run: echo1, echo100, bulk1, bulk8, hs, idle, slow (default: all)")

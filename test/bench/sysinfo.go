@@ -109,8 +109,10 @@ func allProcs() map[int]procStat {
 
 // attributedJiffies is the CPU time of the given processes and their
 // descendants plus every kernel thread (kernel workers send sockmap's
-// redirected segments; ksoftirqd takes over softirq under load).
-func attributedJiffies(roots []int) uint64 {
+// redirected segments; ksoftirqd takes over softirq under load), by PID, so
+// a window can subtract per process (a process that exits meanwhile must
+// not make the sum go backwards).
+func attributedJiffies(roots []int) map[int]uint64 {
 	procs := allProcs()
 	in := map[int]bool{}
 	for _, r := range roots {
@@ -126,10 +128,26 @@ func attributedJiffies(roots []int) uint64 {
 			}
 		}
 	}
-	var sum uint64
+	out := map[int]uint64{}
 	for pid, ps := range procs {
 		if in[pid] || ps.kthread {
-			sum += ps.cpuJiffies
+			out[pid] = ps.cpuJiffies
+		}
+	}
+	return out
+}
+
+// jiffiesBetween is the CPU time used between two attributedJiffies
+// samples: processes that started meanwhile count whole, ones that ended
+// are lost (their last ticks are not visible), a reused PID counts from 0.
+func jiffiesBetween(a, b map[int]uint64) uint64 {
+	var sum uint64
+	for pid, j1 := range b {
+		j0 := a[pid]
+		if j1 >= j0 {
+			sum += j1 - j0
+		} else {
+			sum += j1
 		}
 	}
 	return sum
