@@ -4,7 +4,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -250,13 +249,14 @@ func (a *Agent) stopPlanes() {
 // the difference (see proxy.Server.Reload). An invalid file changes nothing
 // and the error says why. Established connections are never dropped.
 func (a *Agent) Reload() error {
-	if a.path == "" {
-		return errors.New("the configuration came from flags: there is no file to reload")
-	}
 	// Type=notify-reload wants RELOADING=1 then READY=1, also when the new
 	// file is rejected (the old configuration keeps serving).
 	sdnotify.Reloading()
 	defer sdnotify.Ready()
+	if a.path == "" {
+		// Flags only: nothing to re-read but the certificate files.
+		return a.Proxy.ReloadCertificates()
+	}
 	cfg, err := config.Load(a.path)
 	if err != nil {
 		return err

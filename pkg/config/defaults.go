@@ -55,9 +55,10 @@ func (c *Config) SetDefaults() {
 		if l.Mode == "websocket" && len(l.Routes) == 0 && l.Pool == "" && len(c.Pools) == 1 {
 			l.Pool = c.Pools[0].Name
 		}
-		if l.Mode == "tcp" && l.Pool == "" && len(c.Pools) == 1 {
+		if (l.Mode == "tcp" || l.Mode == "tls_passthrough") && l.Pool == "" && len(c.Pools) == 1 {
 			l.Pool = c.Pools[0].Name
 		}
+		l.setTLSDefaults()
 	}
 	for i := range c.Pools {
 		p := &c.Pools[i]
