@@ -27,17 +27,18 @@ import (
 
 // genOpts are the generator's flags.
 type genOpts struct {
-	test  string
-	addr  string
-	conns int
-	size  int
-	dur   time.Duration
-	warm  time.Duration
-	pids  []int
-	rate  int64  // slow reader bytes/s
-	cap   int64  // slow test: most bytes the sender tries to push
-	proxy int    // slow test: proxy PID for RSS
-	stats string // backends' stats address
+	test    string
+	addr    string
+	conns   int
+	size    int
+	dur     time.Duration
+	warm    time.Duration
+	pids    []int
+	rate    int64         // slow reader bytes/s
+	cap     int64         // slow test: most bytes the sender tries to push
+	proxy   int           // slow test: proxy PID for RSS
+	stats   string        // backends' stats address
+	recover time.Duration // slow test: longest wait for memory to come back
 }
 
 // statsClient reads the backends' receive counters.
@@ -524,8 +525,10 @@ func genSlow(o genOpts) (Result, error) {
 	_ = c.(*net.TCPConn).SetLinger(0)
 	c.Close()
 	t := time.Now()
-	for time.Since(t) < 10*time.Second {
+	r.NotRecovered = true
+	for time.Since(t) < o.recover {
 		if m := readMem(); m0.Available-m.Available < 32<<20 {
+			r.NotRecovered = false
 			break
 		}
 		time.Sleep(50 * time.Millisecond)

@@ -29,6 +29,8 @@ type plan struct {
 	slowCap    int64
 	slowRate   int64
 	busyMax    float64
+	settle     time.Duration // idle test: pause before and after measuring
+	recoverMax time.Duration // slow test: longest wait for memory to come back
 	retries    int           // busy retries per run
 	waitBudget time.Duration // total time the whole run may wait for quiet
 }
@@ -37,11 +39,11 @@ func defaultPlan(quick bool) plan {
 	if quick {
 		return plan{name: "quick", rounds: 1, dur: time.Second, warm: 200 * time.Millisecond, hsConc: 16,
 			idleConns: 1000, idleRounds: 1, slowDur: 2 * time.Second, slowCap: 256 << 20, slowRate: 1 << 20,
-			retries: 2, waitBudget: 10 * time.Second}
+			settle: 500 * time.Millisecond, recoverMax: 3 * time.Second, retries: 2, waitBudget: 10 * time.Second}
 	}
 	return plan{name: "full", rounds: 3, dur: 2 * time.Second, warm: 300 * time.Millisecond, hsConc: 16,
 		idleConns: 8000, idleRounds: 1, slowDur: 4 * time.Second, slowCap: 1 << 30, slowRate: 1 << 20,
-		retries: 4, waitBudget: 60 * time.Second}
+		settle: time.Second, recoverMax: 5 * time.Second, retries: 4, waitBudget: 60 * time.Second}
 }
 
 // spec is one interleaved test.
@@ -116,10 +118,19 @@ func (h *harness) run(ctx context.Context) error {
 	}
 	defer os.RemoveAll(dir)
 	s := &setup{dir: dir, proxyCPU: h.proxyCPU}
-	if h.wsplice != "" {
+	switch {
+	case h.wsplice != "":
 		s.wsplice = h.wsplice
-	} else if s.wsplice, err = buildWsplice(dir); err != nil {
-		h.logf("wsplice targets skipped: %v", err)
+	case prebuilt() != "":
+		s.wsplice = prebuilt()
+		h.logf("agent: %s (newer than its sources)", s.wsplice)
+	default:
+		t0 := time.Now()
+		if s.wsplice, err = buildWsplice(dir); err != nil {
+			h.logf("wsplice targets skipped: %v", err)
+		} else {
+			h.logf("agent: built in %s", time.Since(t0).Round(100*time.Millisecond))
+		}
 	}
 	bcmd, backends, stats, stopBackends, err := startBackends(2)
 	if err != nil {
@@ -365,7 +376,7 @@ func (h *harness) idle(round int, t *target) {
 			_ = cmd.Process.Kill()
 			<-done
 		}
-		time.Sleep(time.Second) // let the proxy see the closes before the next run
+		time.Sleep(h.plan.settle) // let the proxy see the closes before the next run
 	}()
 	lineC := make(chan string, 1)
 	go func() {
@@ -390,7 +401,7 @@ func (h *harness) idle(round int, t *target) {
 	if lastErr != "" {
 		r.Note = "last error: " + lastErr
 	}
-	time.Sleep(time.Second) // let the proxy settle (GC, deferred frees)
+	time.Sleep(h.plan.settle) // let the proxy settle (GC, deferred frees)
 	r.RSSAfter = rssBytes(pid)
 	m1 := memMedian()
 	if ok > 0 {
@@ -411,7 +422,7 @@ func (h *harness) slow(t *target) {
 	bg, waited, noisy := h.quiet()
 	args := []string{"-test", "slow", "-addr", t.Addr, "-size", strconv.Itoa(64 << 10), "-dur", h.plan.slowDur.String(),
 		"-rate", strconv.FormatInt(h.plan.slowRate, 10), "-cap", strconv.FormatInt(h.plan.slowCap, 10),
-		"-proxy", strconv.Itoa(t.PID()), "-pids", h.pids(t), "-stats", h.stats}
+		"-proxy", strconv.Itoa(t.PID()), "-pids", h.pids(t), "-stats", h.stats, "-recover", h.plan.recoverMax.String()}
 	r, err := h.gen(h.plan.slowDur+60*time.Second, args...)
 	if err != nil {
 		r = Result{Test: "slow", Conns: 1, Errors: 1, Note: "run failed: " + err.Error()}

@@ -93,6 +93,7 @@ type Result struct {
 	PeakSlabDelta  int64   `json:"peak_slab_delta,omitempty"`
 	PeakRSSDelta   int64   `json:"peak_rss_delta,omitempty"`
 	RecoverS       float64 `json:"recover_s,omitempty"`
+	NotRecovered   bool    `json:"not_recovered,omitempty"` // still above baseline + 32 MiB after the longest wait
 }
 
 func main() {
@@ -129,6 +130,7 @@ func run() error {
 		capB  = flag.Int64("cap", 1<<30, "gen slow: most bytes the sender pushes")
 		proxy = flag.Int("proxy", 0, "gen slow: proxy PID for RSS")
 		stats = flag.String("stats", "", "gen: the backends' stats address")
+		recov = flag.Duration("recover", 5*time.Second, "gen slow: longest wait for kernel memory to come back after the close")
 	)
 	flag.Parse()
 	switch *role {
@@ -144,7 +146,7 @@ func run() error {
 			}
 		}
 		return runGen(genOpts{test: *test, addr: *addr, conns: *conns, size: *size, dur: *dur, warm: *warm,
-			pids: ps, rate: *rate, cap: *capB, proxy: *proxy, stats: *stats})
+			pids: ps, rate: *rate, cap: *capB, proxy: *proxy, stats: *stats, recover: *recov})
 	case "":
 	default:
 		return fmt.Errorf("unknown role %q", *role)

@@ -309,10 +309,19 @@ func (h *harness) report(elapsed time.Duration) string {
 			if tg.Name == "direct" {
 				rss = "n/a"
 			}
-			t.row(tg.Name, num(mib(r.SentBytes), 0), num(mib(r.ReadBytes), 1), num(mib(r.AckedBytes), 1), num(mib(r.PeakAvailDelta), 0), num(mib(r.PeakSlabDelta), 0), rss, num(r.RecoverS, 1))
+			back := num(r.RecoverS, 1)
+			if r.NotRecovered {
+				back = "> " + num(r.RecoverS, 0) + " (other load?)"
+			}
+			t.row(tg.Name, num(mib(r.SentBytes), 0), num(mib(r.ReadBytes), 1), num(mib(r.AckedBytes), 1), num(mib(r.PeakAvailDelta), 0), num(mib(r.PeakSlabDelta), 0), rss, back)
 		}
 	}
 
+	if len(slowRows) > 0 {
+		b.WriteString("\n\"Reader read\" is the backend's own count; the backend also acks every MiB it read over the same connection, so fewer acks " +
+			"than MiB read means the proxy held the reverse direction. Kernel memory here is MemAvailable's drop at its lowest point (noisy when others allocate); " +
+			"sockmap's parked bytes show only there, not in socket accounting.\n")
+	}
 	b.WriteString("\n### Ratios (medians; ×direct and ×nginx; for p99, CPU and memory lower is better)\n\n")
 	t.head("target", "echo-100 msg/s ×direct", "×nginx", "echo-100 p99 ×direct", "×nginx", "bulk-8 MB/s ×direct", "×nginx",
 		"bulk-8 CPU/MB ×direct", "×nginx", "handshakes/s ×direct", "×nginx", "idle RSS/conn ×nginx", "idle kernel/conn ×direct")

@@ -136,6 +136,39 @@ type setup struct {
 	proxyCPU string   // taskset CPU list for proxies ("" = unpinned)
 }
 
+// prebuilt is bin/wsplice when it is newer than every source it is built
+// from (make bench builds it first), else "".
+func prebuilt() string {
+	const bin = "bin/wsplice"
+	st, err := os.Stat(bin)
+	if err != nil {
+		return ""
+	}
+	stale := false
+	for _, root := range []string{"cmd", "pkg", "bpf", "go.mod", "go.sum"} {
+		_ = filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+			if err != nil || stale {
+				return nil
+			}
+			if d.IsDir() {
+				return nil
+			}
+			if fi, err := d.Info(); err == nil && fi.ModTime().After(st.ModTime()) {
+				stale = true
+			}
+			return nil
+		})
+	}
+	if stale {
+		return ""
+	}
+	abs, err := filepath.Abs(bin)
+	if err != nil {
+		return ""
+	}
+	return abs
+}
+
 // buildWsplice builds the agent from the module in the working directory.
 func buildWsplice(dir string) (string, error) {
 	out := filepath.Join(dir, "wsplice")
