@@ -165,24 +165,29 @@ func BenchmarkPlanesIdleMemory(b *testing.B) {
 	const n = 2000
 	pbRun(b, func(b *testing.B, r *pbRig) {
 		for range b.N {
-			mem, fds, gs := pbIdle(b, r, n)
+			mem, fds, gs, slab := pbIdle(b, r, n)
 			if r.e.plane == nil {
 				b.ReportMetric(mem, "B/conn")
 				b.ReportMetric(fds, "fds/conn")
+				b.ReportMetric(slab, "slab-B/conn")
 				continue
 			}
 			// Direct baseline, measured in the same namespace.
 			d := &pbRig{e: &ptEnv{tb: b, lnBackend: r.e.lnBackend}}
-			dm, dfds, _ := pbIdle(b, d, n)
+			dm, dfds, _, dslab := pbIdle(b, d, n)
 			b.ReportMetric(mem-dm, "agent-B/conn")
 			b.ReportMetric(fds-dfds, "agent-fds/conn")
 			b.ReportMetric(gs, "goroutines/conn")
+			// Kernel slab over direct: psocks, sockhash and hash entries,
+			// pipes. Other processes move Slab too: indicative only.
+			b.ReportMetric(slab-dslab, "kernel-slab-B/conn")
 		}
 	})
 }
 
-func pbIdle(b *testing.B, r *pbRig, n int) (bytesPer, fdsPer, gsPer float64) {
+func pbIdle(b *testing.B, r *pbRig, n int) (bytesPer, fdsPer, gsPer, slabPer float64) {
 	m0, f0, g0 := pbUsage(b)
+	s0 := ptMeminfo(b)["Slab"]
 	type cb struct{ c, b *net.TCPConn }
 	conns := make([]cb, n)
 	one := make([]byte, 1)
@@ -200,6 +205,7 @@ func pbIdle(b *testing.B, r *pbRig, n int) (bytesPer, fdsPer, gsPer float64) {
 	}
 	time.Sleep(100 * time.Millisecond)
 	m1, f1, g1 := pbUsage(b)
+	s1 := ptMeminfo(b)["Slab"]
 	for _, x := range conns {
 		x.c.Close()
 		x.b.Close()
@@ -209,7 +215,8 @@ func pbIdle(b *testing.B, r *pbRig, n int) (bytesPer, fdsPer, gsPer float64) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	return (float64(m1) - float64(m0)) / float64(n), float64(f1-f0) / float64(n), float64(g1-g0) / float64(n)
+	return (float64(m1) - float64(m0)) / float64(n), float64(f1-f0) / float64(n), float64(g1-g0) / float64(n),
+		float64(s1-s0) / float64(n)
 }
 
 func pbUsage(tb testing.TB) (mem uint64, fds, goroutines int) {
