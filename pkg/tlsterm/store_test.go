@@ -167,7 +167,11 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"optional without cert", optional, base, "", ""},
 		{"optional with a bad cert", optional, withBad, "", ReasonClientCert},
 		{"unknown sni rejected", strict, func() *tls.Config { c := base(); c.ServerName = "nope.example"; c.InsecureSkipVerify = true; return c }, "", ReasonUnknownSNI},
-		{"tls 1.0 and 1.1 only", optional, func() *tls.Config { c := base(); c.MinVersion, c.MaxVersion = tls.VersionTLS10, tls.VersionTLS11; return c }, "", ReasonVersion},
+		{"tls 1.0 and 1.1 only", optional, func() *tls.Config {
+			c := base()
+			c.MinVersion, c.MaxVersion = tls.VersionTLS10, tls.VersionTLS11
+			return c
+		}, "", ReasonVersion},
 		{"tls 1.2 on a 1.3 listener", tls13, func() *tls.Config { c := base(); c.MaxVersion = tls.VersionTLS12; return c }, "", ReasonVersion},
 		{"plain http", optional, nil, "GET / HTTP/1.1\r\nHost: ws.example.com\r\n\r\n", ReasonNotTLS},
 	} {
