@@ -28,7 +28,8 @@ func init() {
 		}
 		f := cmd.Flags()
 		f.IntVar(&o.Backends, "backends", 3, "echo backends to start")
-		f.IntVar(&o.Clients, "clients", 12, "WebSocket clients (each connects twice)")
+		f.IntVar(&o.Clients, "clients", 15, "WebSocket clients (each connects twice)")
+		f.IntVar(&o.TLSClients, "tls-clients", 3, "how many of them use wss:// through the TLS listener")
 		f.IntVar(&o.Messages, "messages", 34, "messages each client echoes per connection (1 B to 64 KiB)")
 		f.StringVar(&o.Dataplane, "dataplane", "auto", "data plane: auto, sockmap or splice")
 		f.BoolVarP(&verbose, "verbose", "v", false, "show the agent's log")

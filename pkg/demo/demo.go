@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -27,12 +28,13 @@ import (
 
 // Options size the demo.
 type Options struct {
-	Backends  int
-	Clients   int
-	Messages  int    // per client, each way
-	Dataplane string // auto, sockmap or splice
-	Out       io.Writer
-	Log       *slog.Logger
+	Backends   int
+	Clients    int
+	TLSClients int    // of which connect with wss:// to the TLS listener
+	Messages   int    // per client, each way
+	Dataplane  string // auto, sockmap or splice
+	Out        io.Writer
+	Log        *slog.Logger
 }
 
 // EchoServer is a WebSocket echo backend that greets each client with its
@@ -87,18 +89,27 @@ func (e *EchoServer) serve(w http.ResponseWriter, r *http.Request) {
 // Close stops the backend.
 func (e *EchoServer) Close() { e.srv.Close() }
 
-// Config is the demo's built-in configuration: one websocket listener on a
-// loopback port, a route for /chat/ with Maglev on the X-User-Id header.
-func Config(backends []string, dataplane string) *config.Config {
+// Config is the demo's built-in configuration: a websocket listener on a
+// loopback port, a route for /chat/ with Maglev on the X-User-Id header,
+// and, when certFile is set, a wss:// listener terminating TLS in front of
+// the same pool.
+func Config(backends []string, dataplane, certFile, keyFile string) *config.Config {
 	cfg := &config.Config{
 		Dataplane: dataplane,
 		Tune:      config.Tune{Mode: "off"}, // the demo reports traffic, not host settings
 		Admin:     config.Admin{Socket: "none"},
+		Limits:    config.Limits{MaxConns: 1000}, // within any open-file limit: no capping warning
 		Listeners: []config.Listener{{Name: "ws", Address: "127.0.0.1:0", Routes: []config.Route{{Path: "/chat/", Pool: "chat"}}}},
 		Pools:     []config.Pool{{Name: "chat", Balance: "maglev", HashKey: "header:X-User-Id"}},
 	}
 	for _, b := range backends {
 		cfg.Pools[0].Backends = append(cfg.Pools[0].Backends, config.Backend{Address: b})
+	}
+	if certFile != "" {
+		// 127.0.0.2: listeners are keyed by address, so two ":0" on one IP would clash.
+		cfg.Listeners = append(cfg.Listeners, config.Listener{Name: "wss", Address: "127.0.0.2:0",
+			Routes: []config.Route{{Path: "/chat/", Pool: "chat"}},
+			TLS:    &config.TLS{Certificates: []config.Certificate{{Cert: certFile, Key: keyFile}}}})
 	}
 	cfg.SetDefaults()
 	return cfg
@@ -106,6 +117,7 @@ func Config(backends []string, dataplane string) *config.Config {
 
 type clientResult struct {
 	user    string
+	scheme  string
 	backend string
 	conns   []*proxy.Conn
 	sent    int
@@ -130,7 +142,16 @@ func Run(ctx context.Context, o Options) error {
 	for i := range addrs {
 		byAddr[addrs[i]] = names[i]
 	}
-	cfg := Config(addrs, o.Dataplane)
+	dir, err := os.MkdirTemp("", "wsplice-demo")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	certFile, keyFile, tlsClient, err := selfSigned(dir)
+	if err != nil {
+		return err
+	}
+	cfg := Config(addrs, o.Dataplane, certFile, keyFile)
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
@@ -152,8 +173,11 @@ func Run(ctx context.Context, o Options) error {
 	if a.Sockmap != nil {
 		plane = "sockmap (in-kernel forwarding)"
 	}
-	fmt.Fprintf(out, "wsplice demo: %d echo backends, agent on ws://%s/chat/, data plane %s\n", o.Backends, addr, plane)
+	wssAddr := a.Addr("wss").String()
+	fmt.Fprintf(out, "wsplice demo: %d echo backends; agent on ws://%s/chat/ (data plane %s)\n", o.Backends, addr, plane)
+	fmt.Fprintf(out, "and on wss://%s/chat/ (TLS terminated, self-signed certificate; userspace copy plane)\n", wssAddr)
 	fmt.Fprintf(out, "pool chat: maglev consistent hash on the X-User-Id header\n\n")
+	wss := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsClient}}
 
 	// Each user connects twice: consistent hashing sends both to the same backend.
 	results := make([]clientResult, o.Clients)
@@ -165,7 +189,12 @@ func Run(ctx context.Context, o Options) error {
 		connected.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			results[i] = runClient(ctx, addr, fmt.Sprintf("user-%02d", i+1), o.Messages, &connected, hold)
+			user := fmt.Sprintf("user-%02d", i+1)
+			url, hc := "ws://"+addr+"/chat/", (*http.Client)(nil)
+			if i >= o.Clients-o.TLSClients {
+				url, hc = "wss://"+wssAddr+"/chat/", wss // SNI "localhost" from the TLS config
+			}
+			results[i] = runClient(ctx, url, hc, user, o.Messages, &connected, hold)
 		}(i)
 	}
 	connected.Wait()
@@ -185,7 +214,7 @@ func Run(ctx context.Context, o Options) error {
 
 	fmt.Fprintln(out)
 	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "USER\tBACKEND (1st, 2nd connection)\tMESSAGES ECHOED\tRESULT")
+	fmt.Fprintln(tw, "USER\tURL\tBACKEND (1st, 2nd connection)\tMESSAGES ECHOED\tRESULT")
 	perBackend := map[string]int{}
 	failed := 0
 	for _, r := range results {
@@ -194,7 +223,7 @@ func Run(ctx context.Context, o Options) error {
 			res = "FAILED: " + fmt.Sprint(r.err)
 			failed++
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", r.user, r.backend, r.sent, res)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", r.user, r.scheme, r.backend, r.sent, res)
 		for _, b := range strings.Split(r.backend, ", ") {
 			perBackend[b]++
 		}
@@ -227,8 +256,8 @@ func Run(ctx context.Context, o Options) error {
 
 // runClient connects twice as user, echoes messages of growing size, text
 // and binary, and checks each one came back intact.
-func runClient(ctx context.Context, addr, user string, msgs int, connected *sync.WaitGroup, hold chan struct{}) clientResult {
-	r := clientResult{user: user}
+func runClient(ctx context.Context, url string, hc *http.Client, user string, msgs int, connected *sync.WaitGroup, hold chan struct{}) clientResult {
+	r := clientResult{user: user, scheme: strings.SplitN(url, ":", 2)[0]}
 	var landed []string
 	defer func() {
 		if connected != nil {
@@ -237,7 +266,7 @@ func runClient(ctx context.Context, addr, user string, msgs int, connected *sync
 	}()
 	for round := 0; round < 2; round++ {
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		c, _, err := websocket.Dial(cctx, "ws://"+addr+"/chat/", &websocket.DialOptions{HTTPHeader: http.Header{"X-User-Id": {user}}})
+		c, _, err := websocket.Dial(cctx, url, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: http.Header{"X-User-Id": {user}}})
 		if err != nil {
 			cancel()
 			r.err = err
