@@ -47,7 +47,7 @@ func (f *fakeHandler) Upgrade(_ context.Context, req UpgradeRequest) (UpgradeRes
 	if req.Binary == "/bin/false" {
 		return UpgradeResult{}, errors.New("upgrade failed waiting for the new agent to start: the new agent exited: exit status 1")
 	}
-	return UpgradeResult{OldPID: 1, NewPID: 1, Connections: 3, Adopted: 3}, nil
+	return UpgradeResult{OldPID: 1, NewPID: 1, Connections: 3, Batches: 1}, nil
 }
 
 func (f *fakeHandler) Status(context.Context) (Status, error) {

@@ -98,12 +98,19 @@ type UpgradeRequest struct {
 
 // UpgradeResult is the answer to POST /v1/upgrade.
 type UpgradeResult struct {
-	OldPID      int     `json:"old_pid"`
-	NewPID      int     `json:"new_pid"`
-	Listeners   int     `json:"listeners"`
-	Connections int     `json:"connections"` // handed over
-	Adopted     int     `json:"adopted"`     // taken up by the new agent
-	Paused      float64 `json:"paused_seconds"`
+	OldPID      int `json:"old_pid"`
+	NewPID      int `json:"new_pid"`
+	Listeners   int `json:"listeners"`
+	Connections int `json:"connections"` // handed over
+	// Rejected connections stayed with the old agent, which serves them
+	// until they close or its drain deadline.
+	Rejected int `json:"rejected"`
+	Batches  int `json:"batches"`
+	// MaxBatch is the longest any connection did not move (its batch's
+	// detach to adoption); AcceptPause how long new clients waited in the
+	// listen backlog.
+	MaxBatch    float64 `json:"max_batch_seconds"`
+	AcceptPause float64 `json:"accept_pause_seconds"`
 	Seconds     float64 `json:"seconds"`
 }
 

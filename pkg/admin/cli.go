@@ -273,9 +273,12 @@ while there are any.
 			if e.json {
 				return WriteJSON(e.out, res)
 			}
-			fmt.Fprintf(e.out, "upgraded: pid %d → %d, %d listeners and %d connections handed over (%d adopted), connections paused %s, took %s\n",
-				res.OldPID, res.NewPID, res.Listeners, res.Connections, res.Adopted,
-				time.Duration(res.Paused*float64(time.Second)).Round(time.Millisecond), time.Duration(res.Seconds*float64(time.Second)).Round(time.Millisecond))
+			sec := func(f float64) time.Duration { return time.Duration(f * float64(time.Second)).Round(time.Millisecond) }
+			fmt.Fprintf(e.out, "upgraded: pid %d → %d, %d listeners and %d connections handed over in %d batches (each connection paused at most %s, accepting paused %s), took %s\n",
+				res.OldPID, res.NewPID, res.Listeners, res.Connections, res.Batches, sec(res.MaxBatch), sec(res.AcceptPause), sec(res.Seconds))
+			if res.Rejected > 0 {
+				fmt.Fprintf(e.out, "%d connections were not taken by the new agent: the old one (pid %d) serves them until they close or its drain deadline\n", res.Rejected, res.OldPID)
+			}
 			return nil
 		}),
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -68,15 +69,26 @@ func (t failingTarget) Prepare(ls []upgrade.Listener) error {
 	}
 	return t.err
 }
-func (failingTarget) Check([]upgrade.Conn) error { return errors.New("unreachable") }
-func (failingTarget) Commit([]upgrade.Conn) int  { return 0 }
+func (failingTarget) Adopt(cs []upgrade.Conn) []int {
+	out := make([]int, len(cs))
+	for i, c := range cs {
+		c.Client.Close()
+		c.Backend.Close()
+		out[i] = i
+	}
+	return out
+}
+func (failingTarget) Paused(json.RawMessage) error { return errors.New("unreachable") }
+func (failingTarget) Accept()                      {}
+func (failingTarget) Done()                        {}
 
 // takeOver is the new agent's start after its data planes and proxy
 // exist: it takes the old agent's listeners and connections (see package
 // upgrade), starts accepting, becomes systemd's main process, and opens
 // the admin socket and metrics address once the old agent let go of them.
-// An error before the commit leaves the old agent serving; after it, this
-// process serves whatever happens, so nothing after it fails start.
+// An error before the first connection is adopted leaves the old agent
+// serving; after it, this process serves whatever happens, so nothing
+// after it fails start.
 func (a *Agent) takeOver() error {
 	ch := a.up.inherit
 	a.up.inherit = nil
@@ -87,11 +99,11 @@ func (a *Agent) takeOver() error {
 		return fmt.Errorf("taking over from the running agent: %w", err)
 	}
 	if err != nil {
-		a.log.Error("upgrade: serving, but the old agent did not hear the commit", "err", err)
+		a.log.Error("upgrade: serving what was handed over, but the hand-off did not end cleanly", "err", err)
 	}
 	r := s.Result
 	a.log.Info("upgrade: took over from the previous agent", "listeners", r.Listeners, "connections", r.Conns,
-		"adopted", r.Adopted, "took", time.Since(t0).Round(time.Microsecond))
+		"rejected", r.Rejected, "batches", r.Batches, "took", time.Since(t0).Round(time.Microsecond))
 	if err := s.WaitReleased(10 * time.Second); err != nil {
 		a.log.Warn("upgrade: the old agent did not say it released the admin socket; trying anyway", "err", err)
 	}
@@ -108,7 +120,10 @@ func (a *Agent) takeOver() error {
 }
 
 // target is the new agent's side of package upgrade.
-type target struct{ a *Agent }
+type target struct {
+	a       *Agent
+	serving bool
+}
 
 func (t *target) Prepare(ls []upgrade.Listener) error {
 	fs := make([]proxy.ListenerFile, len(ls))
@@ -119,35 +134,44 @@ func (t *target) Prepare(ls []upgrade.Listener) error {
 	return t.a.Proxy.Open()
 }
 
-func (t *target) Check(conns []upgrade.Conn) error {
-	for _, c := range conns {
-		if err := t.a.Proxy.CheckHandoff(c.Record); err != nil {
-			return err
+func (t *target) Adopt(conns []upgrade.Conn) []int {
+	var rejected []int
+	for i, c := range conns {
+		if err := t.a.Proxy.Adopt(c.Record, c.Client, c.Backend); err != nil {
+			t.a.log.Warn("upgrade: connection not adopted; the old agent keeps it", "err", err)
+			rejected = append(rejected, i)
 		}
 	}
+	return rejected
+}
+
+func (t *target) Paused(meta json.RawMessage) error {
+	var m handoffMeta
+	if err := json.Unmarshal(meta, &m); err != nil {
+		return fmt.Errorf("the old agent's hand-off summary: %w", err)
+	}
+	t.a.Proxy.ReserveIDs(m.NextID)
 	return nil
 }
 
-func (t *target) Commit(conns []upgrade.Conn) int {
+func (t *target) Accept() {
+	if t.serving {
+		return
+	}
+	t.serving = true
+	if err := t.a.Proxy.Start(); err != nil {
+		t.a.log.Error("upgrade: accepting on the inherited listeners", "err", err)
+	}
+}
+
+func (t *target) Done() {
 	a := t.a
-	n := 0
-	for _, c := range conns {
-		if err := a.Proxy.Adopt(c.Record, c.Client, c.Backend); err != nil {
-			a.log.Warn("upgrade: connection not adopted, closed", "err", err)
-			continue
-		}
-		n++
-	}
-	if err := a.Proxy.Start(); err != nil {
-		a.log.Error("upgrade: accepting on the inherited listeners", "err", err)
-	}
 	// Type=notify with NotifyAccess=all: this process becomes the main PID
 	// before the old one exits, so systemd does not take that exit for the
 	// service's (see deploy/systemd/wsplice.service).
 	if _, err := sdnotify.Notify("MAINPID=" + strconv.Itoa(os.Getpid()) + "\n" + sdnotify.StateReady); err != nil {
 		a.log.Warn("sd_notify MAINPID failed", "err", err)
 	}
-	return n
 }
 
 // Upgrade replaces this agent with a new process of binary (empty: the
@@ -193,9 +217,9 @@ func (a *Agent) Upgrade(ctx context.Context, binary string) (upgrade.Result, err
 	close(a.up.committed)
 	r := s.Result
 	a.log.Info("upgrade: the new agent serves", "pid", r.PID, "listeners", r.Listeners, "connections", r.Conns,
-		"adopted", r.Adopted, "paused", r.Paused.Round(time.Microsecond), "detach", r.Detach.Round(time.Microsecond),
-		"send", r.Send.Round(time.Microsecond), "check", r.Check.Round(time.Microsecond), "adopt", r.Adopt.Round(time.Microsecond),
-		"took", r.Took.Round(time.Microsecond))
+		"rejected", r.Rejected, "batches", r.Batches, "max_batch", r.MaxBatch.Round(time.Microsecond),
+		"detaching", r.Detaching.Round(time.Microsecond), "adopting", r.Adopting.Round(time.Microsecond),
+		"accept_pause", r.Pause.Round(time.Microsecond), "took", r.Took.Round(time.Microsecond))
 	return r, nil
 }
 
@@ -251,7 +275,7 @@ func (a *Agent) finishUpgrade() error {
 type source struct {
 	a       *Agent
 	ls      []proxy.ListenerFile
-	hs      []*proxy.Handed
+	batch   map[*os.File]*proxy.Handed // by client socket, the batch in flight
 	resumed bool
 }
 
@@ -268,27 +292,49 @@ func (s *source) Listeners() ([]upgrade.Listener, error) {
 	return out, nil
 }
 
-func (s *source) Pause(ctx context.Context) error {
-	s.a.Proxy.PauseAccepting(ctx)
-	return nil
+func (s *source) Pause(ctx context.Context) (json.RawMessage, error) {
+	return json.Marshal(handoffMeta{NextID: s.a.Proxy.PauseAccepting(ctx)})
 }
 
-func (s *source) Detach() ([]upgrade.Conn, error) {
-	hs, err := s.a.Proxy.Detach()
-	s.hs = hs
+// handoffMeta is what the old agent tells the new one once it has paused.
+type handoffMeta struct {
+	// NextID is above every connection id the old agent used.
+	NextID uint64 `json:"next_id"`
+}
+
+func (s *source) Detach(n int) ([]upgrade.Conn, error) {
+	hs, err := s.a.Proxy.Detach(n)
+	s.batch = make(map[*os.File]*proxy.Handed, len(hs))
 	out := make([]upgrade.Conn, len(hs))
 	for i, h := range hs {
+		s.batch[h.Client] = h
 		out[i] = upgrade.Conn{Record: h.Record, Client: h.Client, Backend: h.Backend}
 	}
 	return out, err
 }
 
-func (s *source) Resume([]upgrade.Conn) error {
-	s.resumed = true
-	return s.a.Proxy.ResumeHandoff(s.ls, s.hs)
+func (s *source) handed(cs []upgrade.Conn) []*proxy.Handed {
+	out := make([]*proxy.Handed, 0, len(cs))
+	for _, c := range cs {
+		if h := s.batch[c.Client]; h != nil {
+			out = append(out, h)
+		}
+	}
+	return out
 }
 
-func (s *source) Commit([]upgrade.Conn) { s.a.Proxy.CommitHandoff(s.ls, s.hs) }
+func (s *source) Handed(adopted, rejected []upgrade.Conn) error {
+	err := s.a.Proxy.Handed(s.handed(adopted), s.handed(rejected))
+	s.batch = nil
+	return err
+}
+
+func (s *source) Resume(conns []upgrade.Conn) error {
+	s.resumed = true
+	return s.a.Proxy.ResumeHandoff(s.ls, s.handed(conns))
+}
+
+func (s *source) Commit() { s.a.Proxy.CommitListeners(s.ls) }
 
 // upgradeBinary resolves and checks the binary an upgrade runs. It runs
 // with the agent's privileges, so it must be a regular executable file
@@ -338,7 +384,7 @@ func (h adminHandler) Upgrade(ctx context.Context, req admin.UpgradeRequest) (ad
 		return admin.UpgradeResult{}, err
 	}
 	return admin.UpgradeResult{
-		OldPID: os.Getpid(), NewPID: r.PID, Listeners: r.Listeners, Connections: r.Conns, Adopted: r.Adopted,
-		Paused: r.Paused.Seconds(), Seconds: r.Took.Seconds(),
+		OldPID: os.Getpid(), NewPID: r.PID, Listeners: r.Listeners, Connections: r.Conns, Rejected: r.Rejected,
+		Batches: r.Batches, MaxBatch: r.MaxBatch.Seconds(), AcceptPause: r.Pause.Seconds(), Seconds: r.Took.Seconds(),
 	}, nil
 }

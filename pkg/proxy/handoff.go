@@ -22,9 +22,9 @@ import (
 
 // The proxy's part of a binary upgrade (package upgrade runs the
 // protocol, the agent wires the two). The old agent: BeginHandoff,
-// ListenerFiles, PauseAccepting, Detach, then CommitHandoff or, if the
-// upgrade failed, ResumeHandoff. The new agent: Inherit, Open, then Adopt
-// each connection and Start.
+// ListenerFiles, PauseAccepting, then Detach and Handed batch after batch,
+// then CommitListeners or, if the upgrade failed, ResumeHandoff. The new
+// agent: Inherit, Open, Adopt each connection, then Start.
 
 // handoffState is the Server's hand-off bookkeeping.
 type handoffState struct {
@@ -170,9 +170,15 @@ func (s *Server) ListenerFiles() ([]ListenerFile, error) {
 // listener descriptors — the sockets stay open through the duplicates
 // from ListenerFiles, and new clients wait in their backlog — then waits
 // for handshakes in progress until ctx ends. A handshake still running
-// then establishes its connection here later; it is served until it
-// closes or the drain deadline.
-func (s *Server) PauseAccepting(ctx context.Context) {
+// then establishes its connection here later (Detach hands it over too,
+// if its plane can). It returns an id above every connection this Server
+// has numbered or will number: the new agent numbers from there
+// (ReserveIDs), so ids stay unique across the hand-off.
+func (s *Server) PauseAccepting(ctx context.Context) (nextID uint64) {
+	defer func() {
+		// Each handshake still running takes at most one id.
+		nextID = s.ids.Load() + uint64(max(s.ho.inflight.Load(), 0)) + 1
+	}()
 	s.mu.Lock()
 	for _, sk := range s.listeners {
 		sk.closed.Store(true)
@@ -184,30 +190,56 @@ func (s *Server) PauseAccepting(ctx context.Context) {
 	for s.ho.inflight.Load() > 0 {
 		select {
 		case <-ctx.Done():
-			s.log.Warn("upgrade: handshakes still in progress; their connections stay with this process", "handshakes", s.ho.inflight.Load())
+			s.log.Warn("upgrade: handshakes still in progress after the pause", "handshakes", s.ho.inflight.Load())
 			return
 		case <-t.C:
 		}
 	}
+	return
 }
 
-// Detach takes every established connection off its data plane (open
-// and untouched) and out of the table, and returns them in id order. If a
-// connection cannot move the error wraps ErrCannotHandOff; those that were
-// detached are returned all the same, for ResumeHandoff.
-func (s *Server) Detach() ([]*Handed, error) {
+// ReserveIDs makes the ids of new connections start above next (from the
+// old agent's PauseAccepting).
+func (s *Server) ReserveIDs(next uint64) {
+	for {
+		cur := s.ids.Load()
+		if cur+1 >= next || s.ids.CompareAndSwap(cur, next-1) {
+			return
+		}
+	}
+}
+
+// Detach takes up to n established connections, lowest ids first, off
+// their data planes (open and untouched) and out of the table. An empty
+// result means none is left that can move: connections on planes that
+// cannot hand over (a handshake that finished after the pause may have
+// put one there) and connections that are closing anyway stay here.
+func (s *Server) Detach(n int) ([]*Handed, error) {
+	// Candidates that are closing are picked again until they are gone
+	// (Done removes them in a moment), so that the caller's loop ends.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		out, tried, err := s.detach(n)
+		if len(out) > 0 || tried == 0 || err != nil || time.Now().After(deadline) {
+			return out, err
+		}
+	}
+}
+
+// detach is one pass of Detach; tried counts the candidates.
+func (s *Server) detach(n int) (out []*Handed, tried int, err error) {
 	byPlane := map[dataplane.Handoff][]uint64{}
 	conns := map[uint64]*Conn{}
-	var errs []error
-	if err := s.checkHandoff(); err != nil {
-		return nil, err
-	}
+	k := 0
 	for _, c := range s.table.snapshot() {
-		h := c.Plane.(dataplane.Handoff)
+		h, ok := c.Plane.(dataplane.Handoff)
+		if !ok || k == n {
+			continue
+		}
 		byPlane[h] = append(byPlane[h], c.ID)
 		conns[c.ID] = c
+		k++
 	}
-	var out []*Handed
+	var errs []error
 	for h, ids := range byPlane {
 		ds, err := h.Detach(ids)
 		if err != nil {
@@ -221,26 +253,48 @@ func (s *Server) Detach() ([]*Handed, error) {
 				Start: c.Start, Upgrade: c.Upgrade, Status: c.Status, Handshake: c.Handshake, Connect: c.Connect,
 				IdleTimeout: d.IdleTimeout, Plane: d.Kind, State: d.State,
 			})
-			if err != nil {
-				errs = append(errs, err)
-			}
 			s.table.remove(c.ID)
-			out = append(out, &Handed{Record: rec, Client: d.Client, Backend: d.Backend, conn: c, plane: h, state: d.State, idle: d.IdleTimeout})
+			ho := &Handed{Record: rec, Client: d.Client, Backend: d.Backend, conn: c, plane: h, state: d.State, idle: d.IdleTimeout}
+			if err != nil { // cannot happen: put it back
+				errs = append(errs, s.reattach(ho))
+				continue
+			}
+			out = append(out, ho)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].conn.ID < out[j].conn.ID })
-	// A straggler handshake may have reached a plane that cannot move.
-	if err := s.checkHandoff(); err != nil {
-		errs = append(errs, err)
-	}
-	return out, errors.Join(errs...)
+	return out, k, errors.Join(errs...)
 }
 
-// ResumeHandoff undoes a failed upgrade: every detached connection goes
-// back on its data plane with its own Done (the process that was to adopt
-// it is gone, so the sockets have not moved a byte elsewhere), every
-// listener accepts again from ls, and all the files are closed. A
-// connection that cannot be re-attached is closed and reported.
+// Handed settles a batch the new agent answered for: it serves adopted
+// now — this Server lets go of their limiter slots, backend counts and
+// files, without reporting a close (the new agent reports it when they
+// end) — and rejected go back on their data planes here.
+func (s *Server) Handed(adopted, rejected []*Handed) error {
+	for _, h := range adopted {
+		s.lim.Load().release(h.conn.clientKey)
+		h.conn.backend.Release()
+		h.Client.Close()
+		h.Backend.Close()
+	}
+	var errs []error
+	for _, h := range rejected {
+		if err := s.reattach(h); err != nil {
+			errs = append(errs, fmt.Errorf("connection %d: %w", h.conn.ID, err))
+		}
+	}
+	if len(rejected) > 0 {
+		s.log.Warn("upgrade: the new agent rejected connections; this agent serves them until they close or its drain deadline", "connections", len(rejected))
+	}
+	return errors.Join(errs...)
+}
+
+// ResumeHandoff undoes a failed upgrade: the connections of the batch in
+// flight (hs) go back on their data planes with their own Done (the
+// process that was to adopt them is gone, so the sockets have not moved a
+// byte elsewhere), every listener accepts again from ls, and all the
+// files are closed. A connection that cannot be re-attached is closed and
+// reported.
 func (s *Server) ResumeHandoff(ls []ListenerFile, hs []*Handed) error {
 	var errs []error
 	for _, h := range hs {
@@ -299,19 +353,11 @@ func (s *Server) reattach(h *Handed) error {
 	return nil
 }
 
-// CommitHandoff lets go of what a committed upgrade handed over: the
-// detached connections' limiter slots and backend counts, and every file.
-// The connections are not closed (the new process holds them) and no
-// close is reported for them: the new agent reports it when they end.
-// The listeners are gone from this Server; Shutdown only drains what
-// handshakes established after the pause.
-func (s *Server) CommitHandoff(ls []ListenerFile, hs []*Handed) {
-	for _, h := range hs {
-		s.lim.Load().release(h.conn.clientKey)
-		h.conn.backend.Release()
-		h.Client.Close()
-		h.Backend.Close()
-	}
+// CommitListeners ends a committed upgrade: the new agent accepts on the
+// listening sockets, so this Server forgets them and closes its files.
+// Shutdown then only drains what stayed here (handshakes that finished
+// after the pause, connections the new agent rejected).
+func (s *Server) CommitListeners(ls []ListenerFile) {
 	s.mu.Lock()
 	for _, l := range ls {
 		l.File.Close()
@@ -414,20 +460,6 @@ func (s *Server) Abandon() {
 	s.closeInherited()
 }
 
-// CheckHandoff tells whether this Server can adopt the connection record
-// describes (its plane is here and can adopt), before the old agent lets
-// go of it.
-func (s *Server) CheckHandoff(record json.RawMessage) error {
-	var r handoffRecord
-	if err := json.Unmarshal(record, &r); err != nil {
-		return fmt.Errorf("connection record: %w", err)
-	}
-	if _, err := s.adopter(r.Plane); err != nil {
-		return fmt.Errorf("connection %d: %w", r.ID, err)
-	}
-	return nil
-}
-
 func (s *Server) adopter(k dataplane.Kind) (dataplane.Handoff, error) {
 	for _, p := range []dataplane.Plane{s.planes.Splice, s.planes.Sockmap} {
 		if p == nil || p.Kind() != k {
@@ -445,7 +477,7 @@ func (s *Server) adopter(k dataplane.Kind) (dataplane.Handoff, error) {
 // connection table gets its entry (same id, start time, route, backend),
 // the limits and the backend count it, and its data plane resumes it. The
 // files are closed in every case (the plane holds its own descriptors).
-// On error the connection is closed (RST both ways) and not counted.
+// On error nothing touched the sockets: the old agent takes it back.
 func (s *Server) Adopt(record json.RawMessage, client, backend *os.File) error {
 	defer client.Close()
 	defer backend.Close()
@@ -488,11 +520,11 @@ func (s *Server) Adopt(record json.RawMessage, client, backend *os.File) error {
 		Done: func(res dataplane.Result) { s.closed(conn, res, release) }}
 	s.table.add(conn)
 	if err := plane.Adopt(dc, r.State); err != nil {
+		// Nothing moved: closing these descriptors leaves the sockets to
+		// the old agent, which takes the connection back.
 		s.table.remove(r.ID)
 		release()
 		b.Release()
-		cl.SetLinger(0)
-		be.SetLinger(0)
 		cl.Close()
 		be.Close()
 		return fmt.Errorf("connection %d: %w", r.ID, err)

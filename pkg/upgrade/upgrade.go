@@ -5,28 +5,41 @@
 //
 // The protocol never leaves a connection without an owner:
 //
-//	old                                     new (started with EnvFD set)
-//	 hello: version, listeners (+fds)  ──▶
-//	                                   ◀──  ready: started, holds the listeners, does not accept
-//	 stop accepting (sockets stay open), let handshakes in progress finish,
-//	 detach every connection from its data plane (open, untouched)
-//	 conns × N: ≤126 connections (+2 fds each) ──▶
-//	 end: count                         ──▶
-//	                                   ◀──  prepared: all received and checked
-//	 commit                             ──▶
-//	                                        adopt, accept, sd_notify MAINPID+READY
-//	                                   ◀──  committed: pid, adopted
-//	 close its copies, release the admin socket and metrics address
-//	 released                           ──▶  start the admin socket and metrics
+//	old                                       new (started with EnvFD set)
+//	 hello: version, listeners (+fds)    ──▶
+//	                                     ◀──  ready: started, holds the listeners, not accepting
+//	 stop accepting (sockets stay open; new clients wait in the backlog),
+//	 let handshakes in progress finish; then, batch after batch:
+//	 detach ≤126 connections (open, untouched)
+//	 conns: their records (+2 fds each)  ──▶
+//	                                     ◀──  adopted: serving them (but the rejected ones)
+//	                                          (after the first: accepting)
+//	 close its copies; next batch …
+//	 end: count                          ──▶
+//	                                          sd_notify MAINPID + READY
+//	                                     ◀──  committed: pid
+//	 close its listener copies, release the admin socket and metrics address
+//	 released                            ──▶  open the admin socket and metrics
 //	 exit
 //
-// Until commit the old agent keeps its own descriptors of everything it
-// sent. If the new process fails, exits, says "error" or does not answer
-// in time, the old one aborts, stops the child (SIGKILL after a grace
-// period), re-attaches its connections to its data planes and accepts
-// again: nothing was lost, because the new process never moved a byte
-// before commit. Connections that arrive meanwhile wait in the listen
-// backlog.
+// A connection stops moving only while its own batch is in flight (one
+// detach, one message, one adoption), and new clients wait in the backlog
+// only until the first batch is adopted, not for the whole hand-off. The
+// old agent keeps its descriptors of a batch until the new one says it
+// adopted it, and takes back any it rejects. The first batch (or end)
+// carries the Source's Meta from Pause to the Target's Paused: the agent
+// uses it so that connections the new agent accepts get ids no handed-over
+// one has.
+//
+// Failures: until the first batch is adopted (the commit point) nothing
+// has moved — if the new process fails to start, exits, says "error" or
+// does not answer in time, the old one stops it (SIGKILL after a grace
+// period), re-attaches the batch in flight, accepts again and serves on as
+// if nothing happened. That covers a binary that does not start, a
+// configuration it rejects, and an adoption that fails (its first batch
+// fails the same way). Should the new process die after the commit point,
+// the connections it had adopted die with it (it may have moved bytes the
+// old agent has not seen) and the old agent serves everything else on.
 //
 // Only connections on data planes that implement dataplane.Handoff can
 // move; the agent refuses to start an upgrade otherwise (see the agent).
@@ -69,23 +82,26 @@ type Conn struct {
 }
 
 // Source is the running (old) agent's side. Files it returns stay its own:
-// Hand only sends them, and Resume or Commit closes them.
+// Hand only sends them; Handed, Resume and Commit close them.
 type Source interface {
 	// Listeners returns duplicates of the listening sockets; the agent
 	// keeps accepting on its own.
 	Listeners() ([]Listener, error)
 	// Pause stops accepting without closing the listening sockets, then
-	// waits, at most until ctx ends, for handshakes in progress.
-	Pause(ctx context.Context) error
-	// Detach takes every established connection off its data plane,
-	// open and untouched.
-	Detach() ([]Conn, error)
-	// Resume undoes whatever of Listeners, Pause and Detach happened
-	// (conns may be nil) and closes the files they returned: the upgrade
-	// failed and the agent serves everything it had.
+	// waits, at most until ctx ends, for handshakes in progress. meta goes
+	// to the Target's Paused.
+	Pause(ctx context.Context) (meta json.RawMessage, err error)
+	// Detach takes up to n more established connections off their data
+	// planes, open and untouched; none left to move: an empty result.
+	Detach(n int) ([]Conn, error)
+	// Handed: the new agent serves adopted now; rejected (a subset of
+	// the same batch) are this agent's to serve on.
+	Handed(adopted, rejected []Conn) error
+	// Resume ends a failed upgrade: conns (detached, not handed) go back
+	// on their data planes and the listeners accept again.
 	Resume(conns []Conn) error
-	// Commit lets go of what was handed over: the new process owns it.
-	Commit(conns []Conn)
+	// Commit: the new agent accepts on the listeners; let go of them.
+	Commit()
 }
 
 // Target is the new agent's side.
@@ -93,14 +109,18 @@ type Target interface {
 	// Prepare starts the new agent on the inherited listeners (it owns
 	// their files from now on) without accepting on them.
 	Prepare(listeners []Listener) error
-	// Check looks at the connections received before commit; an error
-	// aborts the upgrade while the old agent can still take them back.
-	Check(conns []Conn) error
-	// Commit adopts the connections (it owns their files from now on),
-	// starts accepting and tells systemd this process is the main one. It
-	// cannot fail as a whole: the old agent lets go once it returns, so a
-	// connection that cannot be adopted is the target's to report.
-	Commit(conns []Conn) (adopted int)
+	// Paused: the old agent no longer accepts; meta is its Source's.
+	Paused(meta json.RawMessage) error
+	// Adopt takes over a batch of connections and returns the indexes of
+	// those it did not take, untouched (the old agent serves them on). It
+	// owns every file.
+	Adopt(conns []Conn) (rejected []int)
+	// Accept starts accepting on the listeners: after the first batch is
+	// adopted (or at the end when there was none).
+	Accept()
+	// Done: every connection has been handed over; tell systemd this
+	// process is the main one.
+	Done()
 }
 
 // Options bound each step. Zero values take the defaults.
@@ -146,13 +166,17 @@ type Spec struct {
 type Result struct {
 	PID       int           // the new agent's process id
 	Listeners int           // listening sockets handed over
-	Conns     int           // connections handed over
-	Adopted   int           // connections the new agent adopted
-	Paused    time.Duration // from the end of accepting to committed: how long handed-over connections did not move (splice)
-	Took      time.Duration // from start to committed
-	// The parts of Paused: detaching, sending, the new agent's check,
-	// and its adoption (commit to committed).
-	Detach, Send, Check, Adopt time.Duration
+	Conns     int           // connections handed over (adopted)
+	Rejected  int           // connections the new agent did not take, served on by the old
+	Batches   int           // messages the connections travelled in
+	Pause     time.Duration // from the end of accepting here to the new agent accepting
+	// MaxBatch is the longest a batch took from detach to adoption: the
+	// longest any connection did not move (splice).
+	MaxBatch time.Duration
+	// Detaching and Adopting add up the batches' time in the old agent's
+	// Detach and from sending a batch to its answer.
+	Detaching, Adopting time.Duration
+	Took                time.Duration // from start to committed
 }
 
 // Session is a committed hand-off's socket, kept open until the endpoints
@@ -189,8 +213,9 @@ func (s *Session) WaitReleased(timeout time.Duration) error {
 // Hand runs the upgrade from the old agent's side: it starts spec, hands
 // src's listeners and connections over, and returns once the new process
 // has committed. On error the upgrade was rolled back (src.Resume) and the
-// new process is gone; the error says at which step and why. ctx cancels
-// the upgrade until commit, not after.
+// new process is gone; the error says at which step and why, and how many
+// connections, if any, were lost with a new process that died part-way.
+// ctx cancels the upgrade until the commit point, not after.
 func Hand(ctx context.Context, spec Spec, src Source, opts Options) (*Session, error) {
 	opts = opts.withDefaults()
 	t0 := time.Now()
@@ -242,8 +267,10 @@ type hand struct {
 	opts    Options
 	exited  chan struct{}
 	waitErr error
-	// stopCancel ends ctx's hold on the hand-off (at commit).
+	// stopCancel ends ctx's hold on the hand-off (at the commit point).
 	stopCancel func() bool
+	committed  bool // the new agent has adopted a batch: no way back for those
+	handed     int
 }
 
 func (h *hand) run() (Result, error) {
@@ -261,72 +288,100 @@ func (h *hand) run() (Result, error) {
 	}
 	res.Listeners = len(ls)
 	if err := h.ch.send(hello, files); err != nil {
-		return res, h.abort("sending the listeners", err, nil)
+		return res, h.abort("sending the listeners", h.sendErr(err), nil)
 	}
 	if _, err := h.expect(msgReady, h.opts.Ready); err != nil {
 		return res, h.abort("waiting for the new agent to start", err, nil)
 	}
 
 	pctx, cancel := context.WithTimeout(h.ctx, h.opts.Pause)
-	err = h.src.Pause(pctx)
+	meta, err := h.src.Pause(pctx)
 	cancel()
 	paused := time.Now()
 	if err != nil {
 		return res, h.abort("pausing the listeners", err, nil)
 	}
-	t := time.Now()
-	conns, err := h.src.Detach()
-	res.Conns = len(conns)
-	res.Detach, t = time.Since(t), time.Now()
-	if err != nil {
-		return res, h.abort("detaching connections", err, conns)
-	}
-	for i := 0; i < len(conns); i += ConnsPerBatch {
-		batch := conns[i:min(i+ConnsPerBatch, len(conns))]
-		m := &message{Type: msgConns, Conns: make([]json.RawMessage, len(batch))}
-		fs := make([]*os.File, 0, 2*len(batch))
-		for j, c := range batch {
+	for {
+		if err := h.ctx.Err(); err != nil && !h.committed {
+			return res, h.abort("handing connections over", fmt.Errorf("cancelled: %w", context.Cause(h.ctx)), nil)
+		}
+		t := time.Now()
+		conns, err := h.src.Detach(ConnsPerBatch)
+		if err != nil {
+			return res, h.abort("detaching connections", err, conns)
+		}
+		if len(conns) == 0 {
+			break
+		}
+		td := time.Now()
+		res.Detaching += td.Sub(t)
+		m := &message{Type: msgConns, Conns: make([]json.RawMessage, len(conns)), Meta: meta}
+		meta = nil // the first message carries it
+		fs := make([]*os.File, 0, 2*len(conns))
+		for j, c := range conns {
 			m.Conns[j] = c.Record
 			fs = append(fs, c.Client, c.Backend)
 		}
 		if err := h.ch.send(m, fs); err != nil {
-			return res, h.abort("sending connections", err, conns)
+			return res, h.abort("sending connections", h.sendErr(err), conns)
+		}
+		a, err := h.expect(msgAdopted, h.opts.Step)
+		res.Adopting += time.Since(td)
+		if err != nil {
+			return res, h.abort("handing connections over", err, conns)
+		}
+		adopted, rejected, err := split(conns, a.Rejected)
+		if err != nil {
+			return res, h.abort("handing connections over", err, conns)
+		}
+		if !h.committed && len(adopted) > 0 {
+			// The commit point: the new agent moves bytes now, and accepts.
+			res.Pause = time.Since(paused)
+			h.committed = true
+			h.stopCancel()
+			h.ctx = context.WithoutCancel(h.ctx)
+		}
+		h.handed += len(adopted)
+		res.Batches++
+		res.Conns += len(adopted)
+		res.Rejected += len(rejected)
+		res.MaxBatch = max(res.MaxBatch, time.Since(t))
+		if err := h.src.Handed(adopted, rejected); err != nil {
+			return res, h.abort("taking back connections the new agent rejected", err, nil)
 		}
 	}
-	if err := h.ch.send(&message{Type: msgEnd, Count: len(conns)}, nil); err != nil {
-		return res, h.abort("sending connections", err, conns)
+	if err := h.ch.send(&message{Type: msgEnd, Count: h.handed, Meta: meta}, nil); err != nil {
+		return res, h.abort("ending the hand-off", h.sendErr(err), nil)
 	}
-	res.Send, t = time.Since(t), time.Now()
-	m, err := h.expect(msgPrepared, h.opts.Step)
-	res.Check, t = time.Since(t), time.Now()
-	if err == nil && m.Count != len(conns) {
-		err = fmt.Errorf("the new agent received %d connections, %d were sent", m.Count, len(conns))
-	}
-	if err == nil {
-		err = h.ctx.Err()
-	}
-	if err != nil {
-		return res, h.abort("handing connections over", err, conns)
-	}
-
-	// Commit: from here the new agent may move bytes, so this one must not
-	// until it knows the other is gone. ctx no longer cancels.
 	h.stopCancel()
 	h.ctx = context.WithoutCancel(h.ctx)
-	if err := h.ch.send(&message{Type: msgCommit}, nil); err != nil {
-		return res, h.abort("committing", err, conns)
+	if _, err := h.expect(msgCommitted, h.opts.Step); err != nil {
+		return res, h.abort("waiting for the new agent to accept", err, nil)
 	}
-	m, err = h.expect(msgCommitted, h.opts.Step)
-	if err != nil {
-		h.kill()
-		rerr := h.src.Resume(conns)
-		return res, errors.Join(fmt.Errorf("upgrade failed after commit: the new agent (pid %d) did not confirm: %w; it was stopped and this agent resumed its listeners and %d connections (bytes the new agent had read and not yet written, if any, are lost)", res.PID, err, len(conns)), rerr)
+	if res.Pause == 0 {
+		res.Pause = time.Since(paused)
 	}
-	res.Adopted = m.Count
-	res.Adopt = time.Since(t)
-	res.Paused = time.Since(paused)
-	h.src.Commit(conns)
+	h.src.Commit()
 	return res, nil
+}
+
+// split divides a batch by the indexes the new agent rejected.
+func split(conns []Conn, rejected []int) (adopted, back []Conn, err error) {
+	no := make(map[int]bool, len(rejected))
+	for _, i := range rejected {
+		if i < 0 || i >= len(conns) || no[i] {
+			return nil, nil, fmt.Errorf("protocol: rejected index %d of a batch of %d", i, len(conns))
+		}
+		no[i] = true
+	}
+	for i, c := range conns {
+		if no[i] {
+			back = append(back, c)
+		} else {
+			adopted = append(adopted, c)
+		}
+	}
+	return adopted, back, nil
 }
 
 // expect waits for a message of type want; "error" from the child, its
@@ -349,6 +404,14 @@ func (h *hand) expect(want string, within time.Duration) (*message, error) {
 	return m, nil
 }
 
+// sendErr explains a failed send: most likely the child exited.
+func (h *hand) sendErr(err error) error {
+	if isClosed(err) {
+		return h.exitError()
+	}
+	return err
+}
+
 // exitError describes the child's early exit.
 func (h *hand) exitError() error {
 	select {
@@ -362,18 +425,26 @@ func (h *hand) exitError() error {
 	}
 }
 
-// abort ends a failed upgrade before commit: the child is told, given
-// Grace to exit, then killed; src resumes with conns.
+// abort ends a failed upgrade: the child is told, given Grace to exit (at
+// once after the commit point: it must not move a byte of what is taken
+// back), then killed; src resumes with conns, the batch in flight.
 func (h *hand) abort(step string, cause error, conns []Conn) error {
 	_ = h.ch.c.SetWriteDeadline(time.Now().Add(time.Second))
 	_ = h.ch.send(&message{Type: msgAbort, Error: cause.Error()}, nil)
 	h.ch.Close()
-	select {
-	case <-h.exited:
-	case <-time.After(h.opts.Grace):
+	if h.committed {
 		h.kill()
+	} else {
+		select {
+		case <-h.exited:
+		case <-time.After(h.opts.Grace):
+			h.kill()
+		}
 	}
 	err := fmt.Errorf("upgrade failed %s: %w", step, cause)
+	if h.committed {
+		err = fmt.Errorf("%w; the new agent (pid %d) was stopped: the %d connections it had adopted were lost with it, this agent serves everything else on (bytes the new agent had read and not written for the batch in flight, if any, are lost)", err, h.cmd.Process.Pid, h.handed)
+	}
 	if rerr := h.src.Resume(conns); rerr != nil {
 		return errors.Join(err, fmt.Errorf("resuming: %w", rerr))
 	}
@@ -401,9 +472,12 @@ func childEnv(env []string) []string {
 }
 
 // Take runs the upgrade from the new agent's side, on the channel from
-// Inherited: it receives the listeners and prepares t, receives and checks
-// the connections, and on commit lets t adopt them. On error before commit
-// it tells the old agent, which keeps serving, and the caller should exit.
+// Inherited: it receives the listeners and prepares t, adopts the
+// connections batch by batch, then lets t serve. An error before the
+// first adoption has been reported to the old agent, which serves on: the
+// caller should exit. After it, Take returns a Session whatever happens —
+// this process serves what it adopted — with ErrUnconfirmed if the end
+// of the hand-off went wrong.
 func Take(ctx context.Context, ch *Channel, t Target, opts Options) (*Session, error) {
 	opts = opts.withDefaults()
 	stop := context.AfterFunc(ctx, func() { ch.c.SetReadDeadline(time.Unix(1, 0)) })
@@ -439,20 +513,26 @@ func Take(ctx context.Context, ch *Channel, t Target, opts Options) (*Session, e
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
 
-	var conns []Conn
-	closeConns := func() {
-		for _, c := range conns {
-			c.Client.Close()
-			c.Backend.Close()
+	res := Result{PID: os.Getpid(), Listeners: len(ls)}
+	s := &Session{ch: ch}
+	// unconfirmed: after the first adoption this process serves on, so a
+	// failure only ends the hand-off; the old agent stops this process if
+	// it thinks the upgrade failed.
+	accepting, paused := false, false
+	unconfirmed := func(step string, err error) (*Session, error) {
+		// If the old agent is gone nobody else serves; if it is not, it
+		// stops this process.
+		if !accepting {
+			t.Accept()
 		}
+		t.Done()
+		s.Result = res
+		return s, fmt.Errorf("%w: %s: %w", ErrUnconfirmed, step, err)
 	}
 	for {
 		m, files, err := ch.recv(time.Now().Add(opts.Step))
 		if err == nil && m.Type == msgConns && len(files) != 2*len(m.Conns) {
 			err = fmt.Errorf("protocol: %d connections with %d descriptors", len(m.Conns), len(files))
-		}
-		if err != nil || m.Type != msgConns {
-			closeFiles(files)
 		}
 		if err == nil && m.Type == msgAbort {
 			err = fmt.Errorf("the running agent aborted the upgrade: %s", m.Error)
@@ -460,51 +540,56 @@ func Take(ctx context.Context, ch *Channel, t Target, opts Options) (*Session, e
 		if err == nil && m.Type != msgConns && m.Type != msgEnd {
 			err = fmt.Errorf("protocol: got %q, want %q or %q", m.Type, msgConns, msgEnd)
 		}
-		if err == nil && m.Type == msgEnd && m.Count != len(conns) {
-			err = fmt.Errorf("the running agent sent %d connections and announced %d", len(conns), m.Count)
+		if err == nil && m.Type == msgEnd && m.Count != res.Conns {
+			err = fmt.Errorf("the running agent counted %d connections handed over, this one %d", m.Count, res.Conns)
 		}
 		if err != nil {
-			closeConns()
-			return fail("receiving connections", err)
+			closeFiles(files)
+			if res.Conns == 0 {
+				return fail("receiving connections", err)
+			}
+			return unconfirmed("receiving connections", err)
+		}
+		if !paused {
+			paused = true
+			if err := t.Paused(m.Meta); err != nil {
+				closeFiles(files)
+				return fail("taking over", err)
+			}
 		}
 		if m.Type == msgEnd {
 			break
 		}
+		conns := make([]Conn, len(m.Conns))
 		for i, rec := range m.Conns {
-			conns = append(conns, Conn{Record: rec, Client: files[2*i], Backend: files[2*i+1]})
+			conns[i] = Conn{Record: rec, Client: files[2*i], Backend: files[2*i+1]}
+		}
+		rejected := t.Adopt(conns)
+		res.Batches++
+		res.Conns += len(conns) - len(rejected)
+		res.Rejected += len(rejected)
+		if err := ch.send(&message{Type: msgAdopted, Count: len(conns) - len(rejected), Rejected: rejected}, nil); err != nil {
+			return unconfirmed("confirming a batch", err)
+		}
+		if !accepting && res.Conns > 0 {
+			accepting = true
+			t.Accept()
 		}
 	}
-	if err := t.Check(conns); err != nil {
-		closeConns()
-		return fail("checking connections", err)
+	if !accepting {
+		t.Accept()
 	}
-	if err := ch.send(&message{Type: msgPrepared, Count: len(conns)}, nil); err != nil {
-		closeConns()
-		return nil, fmt.Errorf("upgrade: %w", err)
-	}
-	m, files, err = ch.recv(time.Now().Add(opts.Step))
-	closeFiles(files)
-	if err == nil && m.Type == msgAbort {
-		err = fmt.Errorf("the running agent aborted the upgrade: %s", m.Error)
-	}
-	if err == nil && m.Type != msgCommit {
-		err = fmt.Errorf("protocol: got %q, want %q", m.Type, msgCommit)
-	}
-	if err != nil {
-		closeConns()
-		return fail("waiting for the commit", err)
-	}
-	n := t.Commit(conns)
-	s := &Session{ch: ch, Result: Result{PID: os.Getpid(), Listeners: len(ls), Conns: len(conns), Adopted: n}}
-	// The old agent lets go on this message. If it cannot be sent, either
-	// the old agent is gone (this one must serve on) or it will time out,
-	// kill this process and resume: serving on is right both ways.
-	if err := ch.send(&message{Type: msgCommitted, PID: os.Getpid(), Count: n}, nil); err != nil {
+	t.Done()
+	s.Result = res
+	// The old agent lets go of the listeners on this message. If it cannot
+	// be sent, either the old agent is gone (this one must serve on) or it
+	// will time out, stop this process and resume.
+	if err := ch.send(&message{Type: msgCommitted, PID: os.Getpid(), Count: res.Conns}, nil); err != nil {
 		return s, fmt.Errorf("%w: %w", ErrUnconfirmed, err)
 	}
 	return s, nil
 }
 
-// ErrUnconfirmed is returned by Take, with a Session, when the commit was
-// carried out but could not be confirmed to the old agent: keep serving.
-var ErrUnconfirmed = errors.New("upgrade committed but not confirmed to the old agent")
+// ErrUnconfirmed is returned by Take, with a Session, when connections
+// were adopted but the hand-off did not end cleanly: keep serving.
+var ErrUnconfirmed = errors.New("upgrade: connections adopted, but the hand-off did not end cleanly")

@@ -32,8 +32,9 @@ func TestMain(m *testing.M) {
 // sockets, so the test can check every descriptor arrived with its own
 // record; the listener gets one accepted connection answered the same way.
 type fakeTarget struct {
-	mode string
-	ls   []Listener
+	mode    string
+	ls      []Listener
+	batches int
 }
 
 func (f *fakeTarget) Prepare(ls []Listener) error {
@@ -49,34 +50,51 @@ func (f *fakeTarget) Prepare(ls []Listener) error {
 	return nil
 }
 
-func (f *fakeTarget) Check(conns []Conn) error {
-	switch f.mode {
-	case "fail-check":
-		return errors.New("a connection is unusable")
-	case "exit-check":
+func (f *fakeTarget) Adopt(conns []Conn) []int {
+	f.batches++
+	switch {
+	case f.mode == "exit-adopt" && f.batches == 1:
 		os.Exit(4)
+	case f.mode == "exit-second" && f.batches == 2:
+		os.Exit(5)
 	}
-	for _, c := range conns {
+	var rejected []int
+	for i, c := range conns {
 		for _, fl := range []*os.File{c.Client, c.Backend} {
 			flags, err := unix.FcntlInt(fl.Fd(), unix.F_GETFD, 0)
 			if err != nil || flags&unix.FD_CLOEXEC == 0 {
-				return fmt.Errorf("received descriptor %d is not close-on-exec (%v)", fl.Fd(), err)
+				fmt.Fprintf(os.Stderr, "received descriptor %d is not close-on-exec (%v)\n", fl.Fd(), err)
+				os.Exit(6)
 			}
 		}
-	}
-	return nil
-}
-
-func (f *fakeTarget) Commit(conns []Conn) int {
-	if f.mode == "exit-commit" {
-		os.Exit(5)
-	}
-	for _, c := range conns {
+		if f.mode == "reject" && i%10 == 3 {
+			rejected = append(rejected, i)
+			c.Client.Close()
+			c.Backend.Close()
+			continue
+		}
 		for _, fl := range []*os.File{c.Client, c.Backend} {
 			fl.Write(append(c.Record, '\n'))
 			fl.Close()
 		}
 	}
+	return rejected
+}
+
+func (f *fakeTarget) Paused(meta json.RawMessage) error {
+	if string(meta) != `{"next_id":42}` {
+		return fmt.Errorf("meta %s", meta)
+	}
+	return nil
+}
+
+func (f *fakeTarget) Done() {
+	if f.mode == "exit-done" {
+		os.Exit(7)
+	}
+}
+
+func (f *fakeTarget) Accept() {
 	for _, l := range f.ls {
 		ln, err := net.FileListener(l.File)
 		if err != nil {
@@ -91,7 +109,6 @@ func (f *fakeTarget) Commit(conns []Conn) int {
 			ln.Close()
 		}()
 	}
-	return len(conns)
 }
 
 func runChild(mode string) int {
@@ -119,19 +136,22 @@ func runChild(mode string) int {
 // fakeSource hands over n connections (socketpairs standing for TCP
 // sockets: the test keeps the peer ends) and one TCP listener.
 type fakeSource struct {
-	t       *testing.T
-	n       int
-	ln      *net.TCPListener
-	peers   []*os.File // test's ends, client and backend per connection
-	mu      sync.Mutex
-	calls   []string
-	resumed []Conn
-	pauses  error
+	t        *testing.T
+	n, next  int
+	ln       *net.TCPListener
+	peers    []*os.File // test's ends, client and backend per connection
+	mu       sync.Mutex
+	calls    []string
+	handed   int
+	rejected int
+	resumed  []Conn
 }
 
 func (s *fakeSource) call(c string) {
 	s.mu.Lock()
-	s.calls = append(s.calls, c)
+	if len(s.calls) == 0 || s.calls[len(s.calls)-1] != c {
+		s.calls = append(s.calls, c)
+	}
 	s.mu.Unlock()
 }
 
@@ -144,12 +164,16 @@ func (s *fakeSource) Listeners() ([]Listener, error) {
 	return []Listener{{Name: "ws", Address: "127.0.0.1:0", File: f}}, nil
 }
 
-func (s *fakeSource) Pause(ctx context.Context) error { s.call("pause"); return s.pauses }
+func (s *fakeSource) Pause(ctx context.Context) (json.RawMessage, error) {
+	s.call("pause")
+	return json.RawMessage(`{"next_id":42}`), nil
+}
 
-func (s *fakeSource) Detach() ([]Conn, error) {
+func (s *fakeSource) Detach(n int) ([]Conn, error) {
 	s.call("detach")
 	var out []Conn
-	for i := range s.n {
+	for ; s.next < s.n && len(out) < n; s.next++ {
+		i := s.next
 		var fs [2]*os.File
 		for j := range fs {
 			p, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -171,19 +195,23 @@ func (s *fakeSource) Detach() ([]Conn, error) {
 	return out, nil
 }
 
+func (s *fakeSource) Handed(adopted, rejected []Conn) error {
+	s.handed += len(adopted)
+	s.rejected += len(rejected)
+	for _, c := range append(adopted, rejected...) {
+		c.Client.Close()
+		c.Backend.Close()
+	}
+	return nil
+}
+
 func (s *fakeSource) Resume(conns []Conn) error {
 	s.call("resume")
 	s.resumed = conns
 	return nil
 }
 
-func (s *fakeSource) Commit(conns []Conn) {
-	s.call("commit")
-	for _, c := range conns {
-		c.Client.Close()
-		c.Backend.Close()
-	}
-}
+func (s *fakeSource) Commit() { s.call("commit") }
 
 func newFakeSource(t *testing.T, n int) *fakeSource {
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -212,9 +240,10 @@ func TestHandCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Result.Conns != 600 || s.Result.Adopted != 600 || s.Result.Listeners != 1 || s.Result.PID <= 0 {
+	if s.Result.Conns != 600 || s.Result.Batches != 5 || s.Result.Listeners != 1 || s.Result.PID <= 0 {
 		t.Fatalf("result %+v", s.Result)
 	}
+	t.Logf("%+v", s.Result)
 	// The child accepts on the listener it inherited.
 	c, err := net.Dial("tcp", src.ln.Addr().String())
 	if err != nil {
@@ -245,21 +274,23 @@ func TestHandCommit(t *testing.T) {
 	}
 }
 
-// TestHandFailures: whatever the new process does wrong before commit,
-// the old side resumes everything it detached and the child is gone.
+// TestHandFailures: whatever the new process does wrong before it has
+// adopted anything, the old side resumes everything and the child is gone;
+// after that, the old side loses only what the child had adopted.
 func TestHandFailures(t *testing.T) {
 	for _, tc := range []struct {
-		mode, want string
-		detached   bool
+		mode, want      string
+		resumed, handed int
 	}{
-		{"fail-prepare", "configuration rejected", false},
-		{"exit-prepare", "exit status 3", false},
-		{"hang", "timed out", false},
-		{"fail-check", "a connection is unusable", true},
-		{"exit-check", "exit status 4", true},
+		{"fail-prepare", "configuration rejected", 0, 0},
+		{"exit-prepare", "exit status 3", 0, 0},
+		{"hang", "timed out", 0, 0},
+		{"exit-adopt", "exit status 4", ConnsPerBatch, 0},
+		{"exit-second", "exit status 5", ConnsPerBatch, ConnsPerBatch},
+		{"exit-done", "exit status 7", 0, 300},
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
-			src := newFakeSource(t, 10)
+			src := newFakeSource(t, 300)
 			t0 := time.Now()
 			_, err := Hand(context.Background(), spec(t, tc.mode), src, Options{Ready: 2 * time.Second, Step: 2 * time.Second, Grace: 500 * time.Millisecond})
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -269,23 +300,31 @@ func TestHandFailures(t *testing.T) {
 			if last := src.calls[len(src.calls)-1]; last != "resume" {
 				t.Fatalf("calls %v: the source did not resume", src.calls)
 			}
-			if tc.detached && len(src.resumed) != 10 {
-				t.Fatalf("resumed %d connections, want 10", len(src.resumed))
+			if len(src.resumed) != tc.resumed || src.handed != tc.handed {
+				t.Fatalf("resumed %d and handed %d connections, want %d and %d", len(src.resumed), src.handed, tc.resumed, tc.handed)
+			}
+			if tc.handed > 0 && !strings.Contains(err.Error(), "lost with it") {
+				t.Fatalf("error %v does not say connections were lost", err)
 			}
 		})
 	}
 }
 
-// TestHandCommitLost: a child that dies after the commit without
-// confirming is waited for (killed) before the old side resumes.
-func TestHandCommitLost(t *testing.T) {
-	src := newFakeSource(t, 3)
-	_, err := Hand(context.Background(), spec(t, "exit-commit"), src, Options{Step: 2 * time.Second})
-	if err == nil || !strings.Contains(err.Error(), "after commit") {
-		t.Fatalf("error %v", err)
+// TestHandRejected: connections the new agent rejects come back to the
+// old one; the rest are handed over and the upgrade commits.
+func TestHandRejected(t *testing.T) {
+	src := newFakeSource(t, 300)
+	s, err := Hand(context.Background(), spec(t, "reject"), src, Options{})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(src.resumed) != 3 {
-		t.Fatalf("resumed %d", len(src.resumed))
+	defer s.Released()
+	want := 0 // the child rejects every tenth of each batch, from the fourth
+	for left := 300; left > 0; left -= ConnsPerBatch {
+		want += (min(left, ConnsPerBatch) + 6) / 10
+	}
+	if src.rejected != want || src.handed != 300-want || s.Result.Rejected != want || s.Result.Conns != 300-want {
+		t.Fatalf("rejected %d, handed %d, result %+v", src.rejected, src.handed, s.Result)
 	}
 }
 
@@ -366,5 +405,44 @@ func TestChannelFrames(t *testing.T) {
 	json.Unmarshal(m.Conns[0], &got)
 	if got != big || len(files) != 2 {
 		t.Fatalf("got %d bytes and %d files", len(got), len(files))
+	}
+}
+
+// TestHandExitAtOnce: a binary that exits at once (here /bin/false) fails
+// the upgrade with its exit status, whether it is gone before the hello or
+// after.
+func TestHandExitAtOnce(t *testing.T) {
+	for range 5 {
+		src := newFakeSource(t, 3)
+		_, err := Hand(context.Background(), Spec{Path: "/bin/false"}, src, Options{})
+		if err == nil || !strings.Contains(err.Error(), "the new agent exited: exit status 1") {
+			t.Fatalf("error %v", err)
+		}
+		if src.calls[len(src.calls)-1] != "resume" {
+			t.Fatalf("calls %v", src.calls)
+		}
+	}
+}
+
+// TestHandNoConns: with no connection the hand-off still moves the
+// listeners and commits.
+func TestHandNoConns(t *testing.T) {
+	src := newFakeSource(t, 0)
+	s, err := Hand(context.Background(), spec(t, "ok"), src, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Released()
+	if s.Result.Conns != 0 || s.Result.Batches != 0 || s.Result.Listeners != 1 {
+		t.Fatalf("result %+v", s.Result)
+	}
+	c, err := net.Dial("tcp", src.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, _ := io.ReadAll(c); string(b) != "ws\n" {
+		t.Fatalf("the child's listener answered %q", b)
 	}
 }

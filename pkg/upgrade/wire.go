@@ -43,6 +43,11 @@ type message struct {
 	Listeners []listenerInfo `json:"listeners,omitempty"`
 	// Conns travel in batches, two descriptors each (client, backend).
 	Conns []json.RawMessage `json:"conns,omitempty"`
+	// Rejected lists the batch's connections (by index) the new agent did
+	// not take: the old one serves them on.
+	Rejected []int `json:"rejected,omitempty"`
+	// Meta is the Source's word to the Target after Pause (first batch, or end).
+	Meta json.RawMessage `json:"meta,omitempty"`
 }
 
 type listenerInfo struct {
@@ -55,10 +60,9 @@ const (
 	msgHello     = "hello"     // old → new: version, listeners (+fds)
 	msgReady     = "ready"     // new → old: started, holds the listeners, not accepting
 	msgConns     = "conns"     // old → new: a batch of connections (+fds)
-	msgEnd       = "end"       // old → new: Count connections were sent
-	msgPrepared  = "prepared"  // new → old: all received and checked
-	msgCommit    = "commit"    // old → new: take over now
-	msgCommitted = "committed" // new → old: serving everything; MAINPID sent
+	msgAdopted   = "adopted"   // new → old: the batch is served here (but Rejected)
+	msgEnd       = "end"       // old → new: that was all; Count connections were sent
+	msgCommitted = "committed" // new → old: accepting; MAINPID sent
 	msgReleased  = "released"  // old → new: admin socket and metrics address are free
 	msgError     = "error"     // new → old: giving up (Error says why)
 	msgAbort     = "abort"     // old → new: giving up (Error says why)
