@@ -26,9 +26,9 @@ type SockmapOptions struct {
 	// redirected in one direction but not yet queued into the receiving
 	// socket exceed it (DESIGN.md "Adaptive data plane"). The kernel applies
 	// no backpressure on this path (fact 5), so this is what bounds memory:
-	// a quiet connection is looked at after at most ParkedHighWater/4
-	// redirected bytes, so the bound is about 1.25 × this plus rate ×
-	// PollInterval (plus what is in flight while the demotion drains).
+	// a quiet connection is looked at after at most min(ParkedHighWater/4,
+	// 1 MiB) redirected bytes, so the bound is about this plus 1 MiB plus
+	// rate × PollInterval (plus what arrives while the demotion drains).
 	// Default 4 MiB; negative disables parked demotion (unsafe with slow
 	// readers).
 	ParkedHighWater int64
@@ -39,8 +39,9 @@ type SockmapOptions struct {
 	// PollInterval is how often busy connections are checked for parked
 	// bytes, FIN propagation and demotion. Idle connections are not polled:
 	// the verdict program reports each socket every ParkedHighWater/4
-	// bytes through a ring buffer, and a connection is polled only from
-	// such a report until it is quiet again. Default 5ms.
+	// bytes (64 KiB to 1 MiB; with RateLimit, at most RateLimit/100)
+	// through a ring buffer, and a connection is polled only from such a
+	// report until it is quiet again. Default 5ms.
 	PollInterval time.Duration
 	// RcvBuf is set as SO_RCVBUF on both sockets at insertion, so that a
 	// demoted connection's receive queue (and so its TCP window) is
@@ -256,14 +257,21 @@ func NewSockmap(opts SockmapOptions) (*Sockmap, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	step := uint64(1 << 20)
+	// The activity step: how many bytes a quiet connection redirects
+	// before the agent starts polling it. A quarter of the high-water
+	// mark, within [64 KiB, 1 MiB]; with a rate limit, at most what the
+	// limit allows in 10 ms, so a bulk flow is measured early.
+	step := int64(1 << 20)
 	if opts.ParkedHighWater > 0 {
-		step = uint64(max(opts.ParkedHighWater/4, 64<<10))
+		step = min(max(opts.ParkedHighWater/4, 64<<10), 1<<20)
+	}
+	if opts.RateLimit > 0 {
+		step = min(step, max(opts.RateLimit/100, 64<<10))
 	}
 	s := &Sockmap{
 		opts:      opts,
 		log:       log,
-		step:      step,
+		step:      uint64(step),
 		nsFD:      -1,
 		loopDone:  make(chan struct{}),
 		conns:     make(map[uint64]*smConn),
@@ -282,7 +290,7 @@ func NewSockmap(opts SockmapOptions) (*Sockmap, error) {
 		return nil, fmt.Errorf("sockmap: stat network namespace: %w", err)
 	}
 	s.nsIno = st.Ino
-	if s.bpf, err = smLoad(opts.MaxConns, step); err != nil {
+	if s.bpf, err = smLoad(opts.MaxConns, uint64(step)); err != nil {
 		unix.Close(s.nsFD)
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}

@@ -136,7 +136,7 @@ func smDemoteStress(t *testing.T, want int) {
 func TestSockmapLightTraffic(t *testing.T) {
 	// ParkedHighWater is high so that the bulk flow meets the rate trigger
 	// first (with the default mark, parked bytes usually trigger first).
-	smEnv(t, SockmapOptions{RateLimit: 200 << 20, ParkedHighWater: 1 << 30}, func(s *Sockmap, e *ptEnv) {
+	smEnv(t, SockmapOptions{RateLimit: 64 << 20, ParkedHighWater: 1 << 30}, func(s *Sockmap, e *ptEnv) {
 		// Ping-pong.
 		p := e.pair(nil)
 		defer p.close()
