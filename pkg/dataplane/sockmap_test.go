@@ -667,16 +667,30 @@ func TestSockmapDemoteHalfClosed(t *testing.T) {
 		if _, err := ptReadStream(p.backend, 11, 1000, true); err != nil {
 			t.Fatal(err)
 		}
+		// The backend keeps its side open until the demotion is done, so
+		// the connection cannot simply end on the kernel path meanwhile.
 		const n = 32 << 20
 		werr := make(chan error, 1)
-		go func() { werr <- ptWriteStream(p.backend, 12, n, 64<<10, true) }()
+		go func() { werr <- ptWriteStream(p.backend, 12, n, 64<<10, false) }()
 		var read atomic.Int64
 		slow := make(chan struct{})
 		time.AfterFunc(500*time.Millisecond, func() { close(slow) })
-		if _, err := ptReadStream(&ptRateReader{r: p.client, slow: slow, n: &read}, 12, n, true); err != nil {
+		rerr := make(chan error, 1)
+		go func() {
+			_, err := ptReadStream(&ptRateReader{r: p.client, slow: slow, n: &read}, 12, n, true)
+			rerr <- err
+		}()
+		if err := <-werr; err != nil {
 			t.Fatal(err)
 		}
-		if err := <-werr; err != nil {
+		for i := 0; i < 500; i++ {
+			if st, _ := s.Stats(p.id); st.Demoted {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		p.backend.CloseWrite()
+		if err := <-rerr; err != nil {
 			t.Fatal(err)
 		}
 		r := p.wait(t, 5*time.Second)
