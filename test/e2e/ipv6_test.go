@@ -344,8 +344,11 @@ func TestIPv6Namespace(t *testing.T) {
 			}
 			sources := []string{"2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1", "::1"}
 			for _, key := range []string{"client_ip", "client_ip/24", "client_ip/48"} {
-				cfg.Pools[0].HashKey = key
-				if err := a.Proxy.Reload(cfg); err != nil {
+				// A fresh copy: the running agent reads the config it was given.
+				next := *cfg
+				next.Pools = append([]config.Pool(nil), cfg.Pools...)
+				next.Pools[0].HashKey = key
+				if err := a.Proxy.Reload(&next); err != nil {
 					t.Fatal(err)
 				}
 				got := map[string]string{}
