@@ -316,13 +316,17 @@ func TestPlaneSlowReader(t *testing.T) {
 			_, err := ptReadStream(r, 9, -1, true)
 			rerr <- err
 		}()
-		var maxAvail, maxSlab int64
+		var maxAvail, maxSlab, maxParked int64
+		sm, _ := e.plane.(*Sockmap)
 		deadline := time.Now().Add(dur)
 		for time.Now().Before(deadline) {
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(20 * time.Millisecond)
 			m := ptMeminfo(t)
 			maxAvail = max(maxAvail, m0["MemAvailable"]-m["MemAvailable"])
 			maxSlab = max(maxSlab, m["Slab"]-m0["Slab"])
+			if sm != nil {
+				maxParked = max(maxParked, sm.Counters().ParkedBytes)
+			}
 		}
 		inFlight := sent.Load() - read.Load()
 		close(stop)
@@ -343,12 +347,18 @@ func TestPlaneSlowReader(t *testing.T) {
 			k := s.Counters()
 			c = fmt.Sprintf("; drain max %v", k.DrainMax)
 		}
-		t.Logf("slow reader %v: sent %d MiB, read %d MiB before speed-up, %d MiB in flight; MemAvailable drop max %d MiB, Slab growth max %d MiB; plane %s demoted=%v %s%s",
-			dur, (sent.Load())>>20, read.Load()>>20, inFlight>>20, maxAvail>>20, maxSlab>>20, r.Plane, r.Demoted, r.DemoteReason, c)
-		// Unbounded, the sockmap path parked 4.2 GiB in 10s (fact 5). Other
-		// processes share this machine, so the bound is loose.
-		if maxAvail > 256<<20 {
+		t.Logf("slow reader %v: sent %d MiB, read %d MiB before speed-up, %d MiB in flight; parked max %d KiB (plane's estimate); MemAvailable drop max %d MiB, Slab growth max %d MiB; plane %s demoted=%v %s%s",
+			dur, (sent.Load())>>20, read.Load()>>20, inFlight>>20, maxParked>>10, maxAvail>>20, maxSlab>>20, r.Plane, r.Demoted, r.DemoteReason, c)
+		// Unbounded, the sockmap path parked 4.2 GiB in 10s (fact 5).
+		// MemAvailable moves with every process on this machine, so its
+		// bound is loose. The plane's own estimate may pass the mark (4
+		// MiB) by what a fast sender parks between two polls and during
+		// the iter/tcp pass (DESIGN measured 13-31 MiB at 1 GB/s).
+		if maxAvail > 1<<30 {
 			t.Errorf("MemAvailable dropped by %d MiB", maxAvail>>20)
+		}
+		if maxParked > 64<<20 {
+			t.Errorf("parked estimate reached %d MiB", maxParked>>20)
 		}
 		if inFlight > 64<<20 {
 			t.Errorf("%d MiB sent but unread: the sender was not held back", inFlight>>20)
