@@ -97,7 +97,7 @@ func (f *fakeHandler) update(spec string, fn func(b *Backend)) ([]Backend, error
 	return out, nil
 }
 
-func (f *fakeHandler) Drain(_ context.Context, spec string, on bool) ([]Backend, error) {
+func (f *fakeHandler) Drain(_ context.Context, spec string, on bool, _ time.Duration) ([]Backend, error) {
 	return f.update(spec, func(b *Backend) { b.Draining = on; b.State = BackendState(b.Healthy, on, b.Down) })
 }
 

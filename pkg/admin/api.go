@@ -67,7 +67,10 @@ type Handler interface {
 	// Drain starts (on) or ends a drain of the backends that match spec
 	// (see MatchBackend) and returns them. A draining backend gets no new
 	// connections; its established ones stay.
-	Drain(ctx context.Context, spec string, on bool) ([]Backend, error)
+	// With on and closeOver > 0 the backends' established connections are
+	// also closed, spread evenly over closeOver, so their clients reconnect
+	// elsewhere without a thundering herd; an undrain stops that.
+	Drain(ctx context.Context, spec string, on bool, closeOver time.Duration) ([]Backend, error)
 	// SetWeight sets the weight of the backends that match spec and
 	// returns them.
 	SetWeight(ctx context.Context, spec string, weight int) ([]Backend, error)
@@ -299,6 +302,7 @@ type errorBody struct {
 
 // backendRequest is the body of drain, undrain and weight.
 type backendRequest struct {
-	Backend string `json:"backend"`
-	Weight  *int   `json:"weight,omitempty"`
+	Backend   string `json:"backend"`
+	Weight    *int   `json:"weight,omitempty"`
+	CloseOver string `json:"close_over,omitempty"` // drain: a Go duration
 }

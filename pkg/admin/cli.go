@@ -142,7 +142,7 @@ func writeBackends(e *cliEnv, bs []Backend) error {
 
 func drainCmd(on bool) func() *cobra.Command {
 	return func() *cobra.Command {
-		var wait time.Duration
+		var wait, closeOver time.Duration
 		cmd := &cobra.Command{
 			Use:   "undrain BACKEND | --all",
 			Short: "Let a drained backend take new connections again (--all: end the agent-wide drain)",
@@ -163,12 +163,14 @@ until they close (or are killed). BACKEND is host:port, host (every port), or
 pool/host:port; without a pool it drains the backend in every pool.
 
   wsplice drain 10.0.0.1:8080 --wait 10m   # return once its connections are gone
+  wsplice drain 10.0.0.1:8080 --close-over 5m   # and close them, spread over 5 minutes
 
 With --all the whole agent goes lame duck: /readyz answers 503 so load
 balancers and Kubernetes stop sending new clients, listeners keep accepting
 meanwhile, and established connections stay. Stop the agent (SIGTERM) to
 close the listeners and drain (a Kubernetes preStop hook does this).`
 			cmd.Flags().DurationVar(&wait, "wait", 0, "wait until the backend has no active connections, at most this long")
+			cmd.Flags().DurationVar(&closeOver, "close-over", 0, "also close its established connections, spread evenly over this time (clients reconnect elsewhere without a herd)")
 		}
 		cmd.RunE = run(func(ctx context.Context, e *cliEnv, args []string) error {
 			if all {
@@ -182,7 +184,7 @@ close the listeners and drain (a Kubernetes preStop hook does this).`
 				fmt.Fprintln(e.out, "agent", state)
 				return nil
 			}
-			bs, err := e.client.Drain(ctx, args[0], on)
+			bs, err := e.client.DrainOver(ctx, args[0], on, closeOver)
 			if err != nil {
 				return err
 			}

@@ -94,12 +94,22 @@ func (c *Client) Backends(ctx context.Context) ([]Backend, error) {
 
 // Drain drains (on) or undrains the backends matching spec.
 func (c *Client) Drain(ctx context.Context, spec string, on bool) ([]Backend, error) {
+	return c.DrainOver(ctx, spec, on, 0)
+}
+
+// DrainOver drains the backends matching spec and, with closeOver > 0,
+// closes their established connections gradually over that time.
+func (c *Client) DrainOver(ctx context.Context, spec string, on bool, closeOver time.Duration) ([]Backend, error) {
 	verb := "/backends/undrain"
 	if on {
 		verb = "/backends/drain"
 	}
+	req := backendRequest{Backend: spec}
+	if closeOver > 0 {
+		req.CloseOver = closeOver.String()
+	}
 	var bs []Backend
-	err := c.do(ctx, http.MethodPost, verb, backendRequest{Backend: spec}, &bs)
+	err := c.do(ctx, http.MethodPost, verb, req, &bs)
 	return bs, err
 }
 

@@ -300,7 +300,15 @@ func routes(h Handler, log *slog.Logger) http.Handler {
 				attrs = append(attrs, "weight", *req.Weight)
 				bs, err = h.SetWeight(r.Context(), req.Backend, *req.Weight)
 			default:
-				bs, err = h.Drain(r.Context(), req.Backend, verb == "drain")
+				var over time.Duration
+				if req.CloseOver != "" {
+					if over, err = time.ParseDuration(req.CloseOver); err != nil || over < 0 {
+						reply(w, nil, Invalidf("close_over %q: write a duration like 5m", req.CloseOver))
+						return
+					}
+					attrs = append(attrs, "close_over", over)
+				}
+				bs, err = h.Drain(r.Context(), req.Backend, verb == "drain", over)
 			}
 			if err == nil {
 				log.Info("admin: backend "+verb, append(attrs, peerAttrs(r.Context())...)...)

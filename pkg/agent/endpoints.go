@@ -618,7 +618,7 @@ func (h adminHandler) matching(spec string) ([]poolBackend, error) {
 	return out, nil
 }
 
-func (h adminHandler) Drain(_ context.Context, spec string, on bool) ([]admin.Backend, error) {
+func (h adminHandler) Drain(_ context.Context, spec string, on bool, closeOver time.Duration) ([]admin.Backend, error) {
 	bs, err := h.matching(spec)
 	if err != nil {
 		return nil, err
@@ -627,6 +627,9 @@ func (h adminHandler) Drain(_ context.Context, spec string, on bool) ([]admin.Ba
 	out := make([]admin.Backend, len(bs))
 	for i, pb := range bs {
 		pb.b.SetDraining(on)
+		if on && closeOver > 0 {
+			h.a.Proxy.CloseGradually(pb.b, closeOver)
+		}
 		h.ep.history.record(historyKey(pb.pool, pb.b.Address()), pb.state(), "admin", "", now)
 		out[i] = h.backend(pb)
 	}

@@ -454,3 +454,32 @@ wait:
 
 // clientAddr returns the peer of c as a netip.AddrPort.
 func clientAddr(c net.Conn) netip.AddrPort { return tcpAddr(c.RemoteAddr()) }
+
+// CloseGradually closes b's established connections (reason drain), spread
+// evenly over d, so their clients reconnect elsewhere a few at a time. It
+// returns at once; the closing stops early if b stops draining.
+func (s *Server) CloseGradually(b *balance.Backend, d time.Duration) {
+	var conns []*Conn
+	for _, c := range s.table.snapshot() {
+		if c.backend == b {
+			conns = append(conns, c)
+		}
+	}
+	if len(conns) == 0 {
+		return
+	}
+	gap := d / time.Duration(len(conns))
+	s.log.Info("closing a drained backend's connections gradually", "backend", b.Address(), "connections", len(conns), "over", d)
+	go func() {
+		for i, c := range conns {
+			if i > 0 {
+				time.Sleep(gap)
+			}
+			if !b.Draining() {
+				s.log.Info("gradual close stopped: the backend is no longer draining", "backend", b.Address(), "closed", i)
+				return
+			}
+			c.Plane.Kill(c.ID, dataplane.ReasonDrain)
+		}
+	}()
+}
