@@ -37,6 +37,7 @@ type handoffState struct {
 	opened    []*socket           // new agent: opened by Open, served by Start
 	isOpened  bool
 	orphans   map[string]*balance.Pool // backends of adopted connections that are in no pool
+	queue     []*Conn                  // old agent: connections to detach next (candidates)
 }
 
 // ListenerFile is a listening socket in a hand-off: the listener's name,
@@ -230,11 +231,8 @@ func (s *Server) detach(n int) (out []*Handed, tried int, err error) {
 	byPlane := map[dataplane.Handoff][]uint64{}
 	conns := map[uint64]*Conn{}
 	k := 0
-	for _, c := range s.table.snapshot() {
-		h, ok := c.Plane.(dataplane.Handoff)
-		if !ok || k == n {
-			continue
-		}
+	for _, c := range s.candidates(n) {
+		h := c.Plane.(dataplane.Handoff)
 		byPlane[h] = append(byPlane[h], c.ID)
 		conns[c.ID] = c
 		k++
@@ -264,6 +262,38 @@ func (s *Server) detach(n int) (out []*Handed, tried int, err error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].conn.ID < out[j].conn.ID })
 	return out, k, errors.Join(errs...)
+}
+
+// candidates returns up to n connections to detach next, lowest ids
+// first, from a queue filled from the table when it runs dry (one sorted
+// snapshot per pass over the table, not one per batch). Connections that
+// closed meanwhile are skipped; a closing one left behind comes round
+// again in the next pass.
+func (s *Server) candidates(n int) []*Conn {
+	s.ho.mu.Lock()
+	defer s.ho.mu.Unlock()
+	var out []*Conn
+	for len(out) < n {
+		if len(s.ho.queue) == 0 {
+			if len(out) > 0 {
+				break // finish this batch before the next pass
+			}
+			for _, c := range s.table.snapshot() {
+				if _, ok := c.Plane.(dataplane.Handoff); ok {
+					s.ho.queue = append(s.ho.queue, c)
+				}
+			}
+			if len(s.ho.queue) == 0 {
+				break
+			}
+		}
+		c := s.ho.queue[0]
+		s.ho.queue = s.ho.queue[1:]
+		if s.table.get(c.ID) == c {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // Handed settles a batch the new agent answered for: it serves adopted
@@ -322,7 +352,7 @@ func (s *Server) ResumeHandoff(ls []ListenerFile, hs []*Handed) error {
 	}
 	s.mu.Unlock()
 	s.ho.mu.Lock()
-	s.ho.active = false
+	s.ho.active, s.ho.queue = false, nil
 	s.ho.mu.Unlock()
 	return errors.Join(errs...)
 }
@@ -365,7 +395,7 @@ func (s *Server) CommitListeners(ls []ListenerFile) {
 	}
 	s.mu.Unlock()
 	s.ho.mu.Lock()
-	s.ho.active, s.ho.done = false, true
+	s.ho.active, s.ho.done, s.ho.queue = false, true, nil
 	s.ho.mu.Unlock()
 }
 

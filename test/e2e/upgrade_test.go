@@ -564,17 +564,23 @@ func freePort(t *testing.T) string {
 	return ln.Addr().String()
 }
 
+// healthz asks the metrics address for /healthz on a new connection,
+// retrying for up to 30s (a loaded machine, -race).
 func healthz(addr string) error {
-	c := http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + addr + "/healthz")
-	if err != nil {
-		return err
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	var err error
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		var resp *http.Response
+		if resp, err = c.Get("http://" + addr + "/healthz"); err != nil {
+			continue
+		}
+		resp.Body.Close()
+		if resp.StatusCode == 200 {
+			return nil
+		}
+		err = fmt.Errorf("/healthz: %s", resp.Status)
 	}
-	resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return fmt.Errorf("/healthz: %s", resp.Status)
-	}
-	return nil
+	return err
 }
 
 // TestUpgrade: with connections exchanging checksummed, numbered messages
@@ -725,4 +731,188 @@ func TestUpgradeRefusesSockmap(t *testing.T) {
 	// Nothing was paused: new clients connect.
 	c2 := dialWS(t, ctx, a.Addr("ws").String(), "/ws/", nil)
 	c2.CloseNow()
+}
+
+// notifySocket is a stand-in for systemd's NOTIFY_SOCKET: it records each
+// datagram with the sender's pid (SCM_CREDENTIALS).
+type notifySocket struct {
+	path string
+	mu   sync.Mutex
+	msgs []notifyMsg
+}
+
+type notifyMsg struct {
+	pid  int
+	text string
+}
+
+func startNotifySocket(t *testing.T, dir string) *notifySocket {
+	n := &notifySocket{path: filepath.Join(dir, "notify")}
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: n.path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	rc, _ := c.SyscallConn()
+	rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_PASSCRED, 1) })
+	go func() {
+		buf, oob := make([]byte, 4096), make([]byte, 256)
+		for {
+			k, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			m := notifyMsg{text: string(buf[:k])}
+			if cms, err := syscall.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, cm := range cms {
+					if cred, err := syscall.ParseUnixCredentials(&cm); err == nil {
+						m.pid = int(cred.Pid)
+					}
+				}
+			}
+			n.mu.Lock()
+			n.msgs = append(n.msgs, m)
+			n.mu.Unlock()
+		}
+	}()
+	return n
+}
+
+// wait returns the first message from pid that contains text.
+func (n *notifySocket) wait(t *testing.T, pid int, text string) notifyMsg {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		n.mu.Lock()
+		for _, m := range n.msgs {
+			if m.pid == pid && strings.Contains(m.text, text) {
+				n.mu.Unlock()
+				return m
+			}
+		}
+		n.mu.Unlock()
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	t.Fatalf("no %q from pid %d; got %+v", text, pid, n.msgs)
+	return notifyMsg{}
+}
+
+func (n *notifySocket) from(pid int) []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var out []string
+	for _, m := range n.msgs {
+		if m.pid == pid {
+			out = append(out, m.text)
+		}
+	}
+	return out
+}
+
+// TestUpgradeBinary runs the real wsplice binary from a configuration file
+// as systemd would (Type=notify, NOTIFY_SOCKET): `wsplice upgrade` hands
+// the connections over, the new process announces MAINPID=<its pid> with
+// READY=1, the old one exits without STOPPING=1 (which would stop the
+// unit), and `wsplice upgrade --binary /bin/false` fails with the reason
+// while the agent serves on.
+func TestUpgradeBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "wsplice")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/wsplice")
+	build.Dir = "../.."
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	b := startMsgBackend(t)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	sock := filepath.Join(dir, "run", "admin.sock")
+	cfgPath := filepath.Join(dir, "wsplice.yaml")
+	cfg := fmt.Sprintf(`dataplane: splice
+drain_timeout: 2s
+tune: {mode: "off"}
+admin: {socket: %q}
+listeners:
+  - name: ws
+    address: %q
+    routes: [{path: /ws/, pool: p}]
+pools:
+  - name: p
+    backends: [{address: %q}]
+`, sock, addr, b.ln.Addr().String())
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	notify := startNotifySocket(t, dir)
+	logf, _ := os.Create(filepath.Join(dir, "agent.log"))
+	agent := exec.Command(bin, "run", "-c", cfgPath)
+	agent.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify.path)
+	agent.Stdout, agent.Stderr = logf, logf
+	if err := agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	old := agent.Process.Pid
+	go agent.Wait()
+	logs := func() string { b, _ := os.ReadFile(logf.Name()); return tail(string(b), 4000) }
+	cli := func(args ...string) (string, error) {
+		out, err := exec.Command(bin, append(args, "--admin-socket", sock)...).CombinedOutput()
+		return string(out), err
+	}
+	var current atomic.Int64
+	current.Store(int64(old))
+	t.Cleanup(func() {
+		pid := int(current.Load())
+		syscall.Kill(pid, syscall.SIGTERM)
+		waitGone(pid, 20*time.Second)
+		if t.Failed() {
+			t.Logf("agent log:\n%s", logs())
+		}
+	})
+	notify.wait(t, old, "READY=1")
+	f := startFleet(t, addr, b, 50)
+	f.progress(f.echoes(), 30*time.Second)
+
+	out, err := cli("upgrade")
+	if err != nil {
+		t.Fatalf("wsplice upgrade: %v\n%s\n%s", err, out, logs())
+	}
+	t.Logf("wsplice upgrade: %s", strings.TrimSpace(out))
+	var newPID int
+	if _, err := fmt.Sscanf(out, "upgraded: pid %d → %d", new(int), &newPID); err != nil || newPID == old {
+		t.Fatalf("cannot read the new pid from %q: %v", out, err)
+	}
+	current.Store(int64(newPID))
+	m := notify.wait(t, newPID, "MAINPID=")
+	if m.text != fmt.Sprintf("MAINPID=%d\nREADY=1", newPID) {
+		t.Fatalf("the new agent told systemd %q, want MAINPID=%d and READY=1 in one message", m.text, newPID)
+	}
+	if !waitGone(old, 20*time.Second) {
+		t.Fatalf("the old agent %d is still running", old)
+	}
+	for _, s := range notify.from(old) {
+		if strings.Contains(s, "STOPPING=1") {
+			t.Fatalf("the old agent sent %q: systemd would stop the unit", s)
+		}
+	}
+	f.progress(f.echoes(), 30*time.Second)
+
+	out, err = cli("upgrade", "--binary", "/bin/false")
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, "exit status 1") {
+		t.Fatalf("wsplice upgrade --binary /bin/false: %v\n%s", err, out)
+	}
+	t.Logf("wsplice upgrade --binary /bin/false: exit %d: %s", ee.ExitCode(), strings.TrimSpace(out))
+	out, err = cli("status", "-o", "json")
+	var st admin.Status
+	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.PID != newPID || st.Connections.Active != 50 {
+		t.Fatalf("status after the failed upgrade: %v %+v\n%s", err, st.Connections, out)
+	}
+	f.progress(f.echoes(), 30*time.Second)
+	t.Logf("%d messages each way checked", f.finish())
+	syscall.Kill(newPID, syscall.SIGTERM)
+	notify.wait(t, newPID, "STOPPING=1")
 }
