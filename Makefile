@@ -47,7 +47,9 @@ generate: deps ## rebuild the BPF objects with clang (committed, so build and te
 	$(GO) generate ./pkg/dataplane/...
 
 generate-check: generate ## fail when the committed BPF objects differ from their source
-	@git diff --exit-code --stat -- pkg/dataplane || { echo "committed BPF objects are stale: run make generate and commit"; exit 1; }
+	@git diff --exit-code --stat -- 'pkg/dataplane/*_bpfel.go' 'pkg/dataplane/*_bpfel.o' && \
+	  test -z "$$(git status --porcelain -- 'pkg/dataplane/*_bpfel.*')" || \
+	  { echo "committed BPF objects are stale: run make generate and commit"; exit 1; }
 
 bench: build ## benchmarks: data planes and algorithms side by side (about 10 minutes)
 	$(GO) test -run='^$$' -bench=. -benchmem -benchtime=2x ./pkg/balance ./pkg/handshake
