@@ -906,6 +906,24 @@ pools:
 		t.Fatalf("wsplice upgrade --binary /bin/false: %v\n%s", err, out)
 	}
 	t.Logf("wsplice upgrade --binary /bin/false: exit %d: %s", ee.ExitCode(), strings.TrimSpace(out))
+
+	// A configuration the new process cannot serve: a second listener on a
+	// port in use (it fails while starting, and says why), then a file
+	// that does not parse (it exits before the hand-off starts).
+	busy, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer busy.Close()
+	for _, bad := range []struct{ cfg, want string }{
+		{strings.Replace(cfg, "pools:", fmt.Sprintf("  - {name: extra, address: %q, mode: tcp, pool: p}\npools:", busy.Addr().String()), 1), "address already in use"},
+		{"listeners: [", "exit status 3"},
+	} {
+		os.WriteFile(cfgPath, []byte(bad.cfg), 0o600)
+		out, err = cli("upgrade")
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, bad.want) {
+			t.Fatalf("wsplice upgrade with a bad configuration: %v\n%s\nconfig:\n%s", err, out, bad.cfg)
+		}
+		t.Logf("wsplice upgrade with a bad configuration: exit %d: %s", ee.ExitCode(), strings.TrimSpace(out))
+	}
+	os.WriteFile(cfgPath, []byte(cfg), 0o600)
 	out, err = cli("status", "-o", "json")
 	var st admin.Status
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.PID != newPID || st.Connections.Active != 50 {
