@@ -56,7 +56,7 @@ type Handed struct {
 	Record  json.RawMessage
 	Client  *os.File
 	Backend *os.File
-	conn    *Conn // the old agent's entry, for ResumeHandoff and CommitHandoff
+	conn    *Conn // the old agent's entry, for Handed and ResumeHandoff
 	plane   dataplane.Handoff
 	state   json.RawMessage
 	idle    time.Duration

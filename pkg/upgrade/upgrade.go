@@ -129,10 +129,11 @@ type Options struct {
 	// configuration and data planes meanwhile). Default 60s.
 	Ready time.Duration
 	// Pause: for handshakes in progress to finish after accepting stops.
-	// Connections they establish afterwards stay with the old agent,
-	// which serves them until they close or its drain_timeout. Default 5s.
+	// A connection established later still moves in a later batch if its
+	// plane can move it; else the old agent serves it until it closes or
+	// its drain_timeout. Default 5s.
 	Pause time.Duration
-	// Step: for each later answer (prepared, committed, released) and
+	// Step: for each later answer (adopted, committed, released) and
 	// each message. Default 30s.
 	Step time.Duration
 	// Grace: for a child told to abort to exit before it is killed.
