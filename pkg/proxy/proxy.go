@@ -446,9 +446,13 @@ wait:
 		}
 	}
 	s.wg.Wait()
-	// Kill is asynchronous on some planes: wait for the last Done.
-	for s.table.len() > 0 {
-		time.Sleep(5 * time.Millisecond)
+	// Kill is asynchronous on some planes: wait for the last Done, but not
+	// forever — the planes' own Close (after this) closes what is left.
+	for deadline := time.Now().Add(10 * time.Second); s.table.len() > 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			s.log.Warn("connections still open after their close was requested; the data planes will close them", "connections", s.table.len())
+			break
+		}
 	}
 }
 
