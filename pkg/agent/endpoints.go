@@ -367,6 +367,18 @@ func (s metricsSource) Splice() (metrics.SpliceStats, bool) {
 	return metrics.SpliceStats{Conns: s.a.Splice.Len(), PipesIdle: idle, PipesTotal: total}, true
 }
 
+func (s metricsSource) TLS() (metrics.TLSStats, bool) {
+	t := s.a.Proxy.TLSStats()
+	out := metrics.TLSStats{
+		Handshakes: t.Handshakes, PassthroughFallbacks: t.PassthroughFallbacks,
+		Reloads: t.Reloads, ReloadFailures: t.ReloadFailures,
+	}
+	if cp := s.a.Proxy.CopyPlane(); cp != nil {
+		out.CopyPlane, out.CopyConns = true, cp.Len()
+	}
+	return out, true
+}
+
 // backendHistory keeps the last state changes of each backend, newest
 // first: what the admin API changed, and what the sampler observed.
 type backendHistory struct {

@@ -94,9 +94,10 @@ const (
 	srcProxy    = "proxy"
 	srcSockmap  = "sockmap"
 	srcSplice   = "splice"
+	srcTLS      = "tls"
 )
 
-var errorSources = []string{srcConns, srcBackends, srcProxy, srcSockmap, srcSplice}
+var errorSources = []string{srcConns, srcBackends, srcProxy, srcSockmap, srcSplice, srcTLS}
 
 // New returns a Collector reading src.
 func New(src Source, opts Options) *Collector {
@@ -217,6 +218,11 @@ var (
 	descSMIterSeconds  = desc("sockmap_iterator_seconds_total", "Time spent in iter/tcp passes.")
 	descSMDrainSeconds = desc("sockmap_demotion_drain_seconds_total", "Time demoted connections waited for their parked bytes to drain before the hand-off.")
 
+	descTLSHandshakes = desc("tls_handshakes_total", "TLS handshakes completed on listeners that terminate TLS (failed ones are in wsplice_refusals_total with a tls_ reason).")
+	descTLSFallbacks  = desc("tls_passthrough_fallbacks_total", "ClientHellos a tls_passthrough listener sent to its pool instead of a route, by reason (no_sni, unknown_sni, malformed).", "reason")
+	descTLSReloads    = desc("tls_certificate_reloads_total", "Certificate reloads after a file changed, by result (ok, or failed: the previous certificates kept serving).", "result")
+	descCopyConns     = desc("copy_connections", "Connections on the copy plane (TLS-terminated or TLS to the backend).")
+
 	descScrapeErrors = desc("scrape_errors_total", "Failures while reading a source of metrics at scrape time (the rest of the scrape still succeeds).", "source")
 
 	descConnInfo    = desc("connection_info", "One series per established connection (per_connection only); the value is 1.", "id", "client", "listener", "route", "pool", "backend", "dataplane")
@@ -234,7 +240,8 @@ var allDescs = []*prometheus.Desc{
 	descFallbacks, descBytes, descSegments, descBackendUp, descBackendDraining, descBackendWeight,
 	descBackendActive, descBackendBackup, descSpliceConns, descSplicePipes, descSMConns, descSMDemotions,
 	descSMDemoteFail, descSMIntegrity, descSMInsertFail, descSMRedirectFail, descSMRedirectRst, descSMParked,
-	descSMIterPasses, descSMIterSeconds, descSMDrainSeconds, descScrapeErrors, descConnInfo, descConnBytes,
+	descSMIterPasses, descSMIterSeconds, descSMDrainSeconds, descTLSHandshakes, descTLSFallbacks, descTLSReloads,
+	descCopyConns, descScrapeErrors, descConnInfo, descConnBytes,
 	descConnStart, descConnOmitted,
 }
 
@@ -296,6 +303,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	c.guard(srcBackends, func() { c.collectBackends(ch) })
 	c.guard(srcSplice, func() { c.collectSplice(ch) })
 	c.guard(srcSockmap, func() { c.collectSockmap(ch) })
+	c.guard(srcTLS, func() { c.collectTLS(ch) })
 
 	c.handshake.Collect(ch)
 	c.duration.Collect(ch)
@@ -449,6 +457,32 @@ func (c *Collector) collectSockmap(ch chan<- prometheus.Metric) {
 	counter(descSMIterPasses, float64(s.IterPasses))
 	counter(descSMIterSeconds, s.IterTime.Seconds())
 	counter(descSMDrainSeconds, s.DrainTime.Seconds())
+}
+
+func (c *Collector) collectTLS(ch chan<- prometheus.Metric) {
+	t, ok := c.src.TLS()
+	if !ok {
+		return
+	}
+	counter := func(d *prometheus.Desc, v uint64, lv ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), lv...)
+	}
+	counter(descTLSHandshakes, t.Handshakes)
+	reasons := map[string]uint64{}
+	for _, r := range TLSFallbackReasons {
+		reasons[r] = 0
+	}
+	for r, v := range t.PassthroughFallbacks {
+		reasons[r] = v
+	}
+	for _, r := range sortedKeys(reasons) {
+		counter(descTLSFallbacks, reasons[r], r)
+	}
+	counter(descTLSReloads, t.Reloads, "ok")
+	counter(descTLSReloads, t.ReloadFailures, "failed")
+	if t.CopyPlane {
+		ch <- prometheus.MustNewConstMetric(descCopyConns, prometheus.GaugeValue, float64(max(t.CopyConns, 0)))
+	}
 }
 
 func b2f(b bool) float64 {

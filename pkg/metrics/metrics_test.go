@@ -22,6 +22,7 @@ type fakeSource struct {
 	sockmap  *SockmapCounters
 	smErr    error
 	splice   *SpliceStats
+	tls      *TLSStats
 	panicOn  string
 }
 
@@ -78,6 +79,18 @@ func (f *fakeSource) Splice() (SpliceStats, bool) {
 		return SpliceStats{}, false
 	}
 	return *f.splice, true
+}
+
+func (f *fakeSource) TLS() (TLSStats, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.panicOn == "tls" {
+		panic("boom")
+	}
+	if f.tls == nil {
+		return TLSStats{}, false
+	}
+	return *f.tls, true
 }
 
 func (f *fakeSource) set(fn func(f *fakeSource)) {
@@ -272,8 +285,77 @@ wsplice_scrape_errors_total{source="connections"} 0
 wsplice_scrape_errors_total{source="proxy"} 0
 wsplice_scrape_errors_total{source="sockmap"} 3
 wsplice_scrape_errors_total{source="splice"} 0
+wsplice_scrape_errors_total{source="tls"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "wsplice_scrape_errors_total"); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestTLS checks the TLS families against known counters: every fallback
+// reason is exported (zero until seen, plus any reason the source adds),
+// reloads by result, and the copy plane's gauge only while it exists.
+func TestTLS(t *testing.T) {
+	src := &fakeSource{tls: &TLSStats{
+		Handshakes:           42,
+		PassthroughFallbacks: map[string]uint64{"no_sni": 3, "malformed": 1},
+		Reloads:              2, ReloadFailures: 1,
+		CopyPlane: true, CopyConns: 7,
+	}}
+	c := New(src, Options{})
+	want := `
+# HELP wsplice_tls_handshakes_total TLS handshakes completed on listeners that terminate TLS (failed ones are in wsplice_refusals_total with a tls_ reason).
+# TYPE wsplice_tls_handshakes_total counter
+wsplice_tls_handshakes_total 42
+# HELP wsplice_tls_passthrough_fallbacks_total ClientHellos a tls_passthrough listener sent to its pool instead of a route, by reason (no_sni, unknown_sni, malformed).
+# TYPE wsplice_tls_passthrough_fallbacks_total counter
+wsplice_tls_passthrough_fallbacks_total{reason="malformed"} 1
+wsplice_tls_passthrough_fallbacks_total{reason="no_sni"} 3
+wsplice_tls_passthrough_fallbacks_total{reason="unknown_sni"} 0
+# HELP wsplice_tls_certificate_reloads_total Certificate reloads after a file changed, by result (ok, or failed: the previous certificates kept serving).
+# TYPE wsplice_tls_certificate_reloads_total counter
+wsplice_tls_certificate_reloads_total{result="failed"} 1
+wsplice_tls_certificate_reloads_total{result="ok"} 2
+# HELP wsplice_copy_connections Connections on the copy plane (TLS-terminated or TLS to the backend).
+# TYPE wsplice_copy_connections gauge
+wsplice_copy_connections 7
+`
+	names := []string{"wsplice_tls_handshakes_total", "wsplice_tls_passthrough_fallbacks_total",
+		"wsplice_tls_certificate_reloads_total", "wsplice_copy_connections"}
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want), names...); err != nil {
+		t.Fatal(err)
+	}
+
+	// No copy plane: the gauge is gone, the counters stay.
+	src.set(func(f *fakeSource) { f.tls.CopyPlane, f.tls.CopyConns = false, 0 })
+	if n := testutil.CollectAndCount(c, "wsplice_copy_connections"); n != 0 {
+		t.Errorf("copy_connections without a copy plane: %d series", n)
+	}
+	if n := testutil.CollectAndCount(c, "wsplice_tls_certificate_reloads_total"); n != 2 {
+		t.Errorf("certificate_reloads_total: %d series, want 2", n)
+	}
+
+	// A source without TLS exports none of the families.
+	src.set(func(f *fakeSource) { f.tls = nil })
+	for _, n := range names {
+		if k := testutil.CollectAndCount(c, n); k != 0 {
+			t.Errorf("%s without TLS: %d series", n, k)
+		}
+	}
+
+	// A panicking source is a scrape error of source "tls".
+	src.set(func(f *fakeSource) { f.panicOn = "tls" })
+	want = `
+# HELP wsplice_scrape_errors_total Failures while reading a source of metrics at scrape time (the rest of the scrape still succeeds).
+# TYPE wsplice_scrape_errors_total counter
+wsplice_scrape_errors_total{source="backends"} 0
+wsplice_scrape_errors_total{source="connections"} 0
+wsplice_scrape_errors_total{source="proxy"} 0
+wsplice_scrape_errors_total{source="sockmap"} 0
+wsplice_scrape_errors_total{source="splice"} 0
+wsplice_scrape_errors_total{source="tls"} 1
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want), "wsplice_scrape_errors_total"); err != nil {
 		t.Error(err)
 	}
 }
@@ -291,6 +373,7 @@ func TestLint(t *testing.T) {
 		proxy:    ProxyCounters{Refusals: map[string]uint64{"no_route": 1}},
 		sockmap:  &SockmapCounters{Demotions: map[string]uint64{"parked": 1}},
 		splice:   &SpliceStats{},
+		tls:      &TLSStats{Handshakes: 1, CopyPlane: true},
 	}
 	c := New(src, Options{PerConnection: true})
 	c.ObserveEstablished(Established{Listener: "ws", Pool: "p", Backend: "b:1", Handshake: time.Millisecond, Connect: time.Millisecond})

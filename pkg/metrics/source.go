@@ -80,6 +80,25 @@ type SpliceStats struct {
 	PipesTotal int
 }
 
+// Passthrough fallback reasons (wsplice_tls_passthrough_fallbacks_total's
+// reason label): always exported, zero until the first one.
+var TLSFallbackReasons = []string{"no_sni", "unknown_sni", "malformed"}
+
+// TLSStats are the proxy's TLS counters and the copy plane's gauge.
+type TLSStats struct {
+	Handshakes uint64 // TLS handshakes completed on terminating listeners
+	// PassthroughFallbacks counts ClientHellos tls_passthrough listeners
+	// sent to their pool instead of a route, by reason (no_sni,
+	// unknown_sni, malformed).
+	PassthroughFallbacks map[string]uint64
+	Reloads              uint64 // certificate reloads that succeeded
+	ReloadFailures       uint64 // reloads refused, the previous certificates kept
+	// CopyPlane is false while the agent has no copy plane (no listener
+	// terminates or originates TLS); CopyConns is then not exported.
+	CopyPlane bool
+	CopyConns int // connections on the copy plane
+}
+
 // Source is the running agent as the collector reads it. Every method is
 // called at scrape time, possibly from several scrapes at once, and must be
 // safe for concurrent use. A method may panic: the collector recovers and
@@ -99,4 +118,7 @@ type Source interface {
 	Sockmap() (c SockmapCounters, ok bool, err error)
 	// Splice returns the splice plane's gauges; ok is false without one.
 	Splice() (s SpliceStats, ok bool)
+	// TLS returns the TLS counters and the copy plane's gauge; ok is false
+	// when the source has no TLS support (nothing is exported).
+	TLS() (t TLSStats, ok bool)
 }
