@@ -549,7 +549,7 @@ func genSlow(o genOpts) (Result, error) {
 
 // runIdle holds conns upgraded connections (each checked with one echo),
 // prints "ready OK FAILED" and waits for stdin to close.
-func runIdle(addr string, n int) error {
+func runIdle(addr string, n int, useTLS bool) error {
 	conns := make([]net.Conn, n)
 	var failed atomic.Int64
 	var lastErr atomic.Value
@@ -561,7 +561,7 @@ func runIdle(addr string, n int) error {
 		go func(i int) {
 			defer wg.Done()
 			defer func() { <-sem }()
-			c, br, _, err := wsDial(addr, "/echo", 10*time.Second)
+			c, br, _, err := wsDialTLS(addr, "/echo", 10*time.Second, useTLS)
 			if err == nil {
 				payload := make([]byte, 64)
 				err = echoOnce(c, br, clientFrame(opBinary, payload), payload, make([]byte, 64), uint64(i+1))

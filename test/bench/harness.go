@@ -181,6 +181,18 @@ func (h *harness) run(ctx context.Context) error {
 			h.idle(round, t)
 		}
 	}
+	// TLS-terminating targets are measured in the idle test only: the
+	// generator speaks plain TCP.
+	for _, sp := range specs {
+		if !h.want(sp.name) {
+			continue
+		}
+		for _, t := range h.targets {
+			if t.TLS && t.Skip == "" {
+				h.logf("target %s: test %s skipped (TLS targets take part in the idle test only)", t.Name, sp.name)
+			}
+		}
+	}
 	for round := 1; round <= h.plan.rounds; round++ {
 		for _, sp := range specs {
 			if !h.want(sp.name) {
@@ -188,7 +200,7 @@ func (h *harness) run(ctx context.Context) error {
 			}
 			order := h.rotated(round)
 			for _, t := range order {
-				if t.Skip != "" || (t.BulkOnly && !sp.bulk) {
+				if t.Skip != "" || t.TLS || (t.BulkOnly && !sp.bulk) {
 					continue
 				}
 				if ctx.Err() != nil {
@@ -199,7 +211,7 @@ func (h *harness) run(ctx context.Context) error {
 		}
 	}
 	for _, t := range h.targets {
-		if t.Skip != "" || !slowTargets[t.Name] || !h.want("slow") {
+		if t.Skip != "" || t.TLS || !slowTargets[t.Name] || !h.want("slow") {
 			continue
 		}
 		if ctx.Err() != nil {
@@ -357,6 +369,9 @@ func (h *harness) idle(round int, t *target) {
 	m0 := memMedian()
 
 	argv := pinned(h.genCPU, selfExe(), "-role", "idle", "-addr", t.Addr, "-conns", strconv.Itoa(h.plan.idleConns))
+	if t.TLS {
+		argv = append(argv, "-tls")
+	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -119,25 +119,26 @@ func run() error {
 		wsBin   = flag.String("wsplice", "", "agent binary (default: go build ./cmd/wsplice into a temporary directory)")
 
 		// Internal flags of the re-executed roles.
-		n     = flag.Int("n", 2, "backend: ports to serve")
-		test  = flag.String("test", "", "gen: echo, bulk, hs or slow")
-		addr  = flag.String("addr", "", "gen/idle: target address")
-		conns = flag.Int("conns", 1, "gen/idle: connections")
-		size  = flag.Int("size", 64, "gen: message size")
-		warm  = flag.Duration("warm", 300*time.Millisecond, "gen: warm-up before the window")
-		pids  = flag.String("pids", "", "gen: PIDs whose CPU is attributed to the run")
-		rate  = flag.Int64("rate", 1<<20, "gen slow: reader bytes/s")
-		capB  = flag.Int64("cap", 1<<30, "gen slow: most bytes the sender pushes")
-		proxy = flag.Int("proxy", 0, "gen slow: proxy PID for RSS")
-		stats = flag.String("stats", "", "gen: the backends' stats address")
-		recov = flag.Duration("recover", 5*time.Second, "gen slow: longest wait for kernel memory to come back after the close")
+		n      = flag.Int("n", 2, "backend: ports to serve")
+		test   = flag.String("test", "", "gen: echo, bulk, hs or slow")
+		addr   = flag.String("addr", "", "gen/idle: target address")
+		conns  = flag.Int("conns", 1, "gen/idle: connections")
+		useTLS = flag.Bool("tls", false, "idle: TLS handshake before the upgrade (TLS-terminating targets)")
+		size   = flag.Int("size", 64, "gen: message size")
+		warm   = flag.Duration("warm", 300*time.Millisecond, "gen: warm-up before the window")
+		pids   = flag.String("pids", "", "gen: PIDs whose CPU is attributed to the run")
+		rate   = flag.Int64("rate", 1<<20, "gen slow: reader bytes/s")
+		capB   = flag.Int64("cap", 1<<30, "gen slow: most bytes the sender pushes")
+		proxy  = flag.Int("proxy", 0, "gen slow: proxy PID for RSS")
+		stats  = flag.String("stats", "", "gen: the backends' stats address")
+		recov  = flag.Duration("recover", 5*time.Second, "gen slow: longest wait for kernel memory to come back after the close")
 	)
 	flag.Parse()
 	switch *role {
 	case "backend":
 		return runBackend(*n)
 	case "idle":
-		return runIdle(*addr, *conns)
+		return runIdle(*addr, *conns, *useTLS)
 	case "gen":
 		var ps []int
 		for _, s := range strings.Split(*pids, ",") {

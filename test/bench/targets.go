@@ -8,8 +8,15 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -37,6 +44,10 @@ type target struct {
 	// BulkOnly targets take part in bulk and slow-reader tests only (they
 	// differ from another target only in how bulk flows are handled).
 	BulkOnly bool
+	// TLS targets terminate TLS (clients do a TLS handshake first, with
+	// the run's self-signed certificate); they take part in the idle test
+	// only.
+	TLS bool
 }
 
 // PID is the proxy's process ID (0 for direct).
@@ -85,7 +96,7 @@ func (t *target) waitReady(timeout time.Duration) error {
 		if t.cmd != nil && t.cmd.ProcessState != nil {
 			break
 		}
-		c, br, _, err := wsDial(t.Addr, "/echo", 2*time.Second)
+		c, br, _, err := wsDialTLS(t.Addr, "/echo", 2*time.Second, t.TLS)
 		if err == nil {
 			payload := make([]byte, 64)
 			err = echoOnce(c, br, clientFrame(opBinary, payload), payload, make([]byte, 64), 7)
@@ -134,6 +145,65 @@ type setup struct {
 	wsplice  string   // agent binary ("" if it could not be built)
 	backends []string // backend addresses
 	proxyCPU string   // taskset CPU list for proxies ("" = unpinned)
+	// cert and key are the PEM files of the self-signed certificate the
+	// TLS targets serve (written to dir on first use).
+	cert, key string
+}
+
+// tlsFiles writes the run's self-signed certificate (ECDSA P-256) and key
+// into dir once, and returns their paths.
+func (s *setup) tlsFiles() (cert, key string, err error) {
+	if s.cert != "" {
+		return s.cert, s.key, nil
+	}
+	certPEM, keyPEM, err := selfSigned()
+	if err != nil {
+		return "", "", err
+	}
+	cert, key = filepath.Join(s.dir, "tls-cert.pem"), filepath.Join(s.dir, "tls-key.pem")
+	if err := os.WriteFile(cert, certPEM, 0o644); err != nil {
+		return "", "", err
+	}
+	if err := os.WriteFile(key, keyPEM, 0o600); err != nil {
+		return "", "", err
+	}
+	s.cert, s.key = cert, key
+	return cert, key, nil
+}
+
+// selfSigned returns a self-signed ECDSA P-256 certificate for localhost
+// and 127.0.0.1, valid for a day, and its key, both PEM.
+func selfSigned() (certPEM, keyPEM []byte, err error) {
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "localhost"},
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	if err != nil {
+		return nil, nil, err
+	}
+	kder, err := x509.MarshalECPrivateKey(priv)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), nil
 }
 
 // prebuilt is bin/wsplice when it is newer than every source it is built
@@ -192,6 +262,8 @@ func newTargets() []*target {
 		{Name: "nginx-tuned", Desc: "nginx as above with proxy_buffer_size 256k, proxy_buffers 8 256k"},
 		{Name: "haproxy", Desc: "HAProxy, mode http, timeout tunnel 3600s"},
 		{Name: "haproxy-splice", Desc: "HAProxy as above with option splice-auto"},
+		{Name: "wsplice-tls", Desc: "wsplice terminating TLS on the listener (self-signed ECDSA P-256 certificate; terminated connections move on the copy plane), splice as the default plane; idle test only", TLS: true},
+		{Name: "nginx-tls", Desc: "nginx as the nginx target with `listen … ssl` and the same certificate; idle test only", TLS: true},
 	}
 }
 
@@ -217,8 +289,18 @@ func (s *setup) start(t *target) error {
 		if t.Name == "wsplice-sockmap-pure" {
 			plane, parked = "sockmap", int64(1)<<40
 		}
+		cfg := ""
+		if t.TLS {
+			cert, key, err := s.tlsFiles()
+			if err != nil {
+				return err
+			}
+			cfg = wspliceConfig(t.Addr, s.backends, "splice", 0, cert, key)
+		} else {
+			cfg = wspliceConfig(t.Addr, s.backends, plane, parked, "", "")
+		}
 		file := filepath.Join(s.dir, t.Name+".yaml")
-		if err := os.WriteFile(file, []byte(wspliceConfig(t.Addr, s.backends, plane, parked)), 0o644); err != nil {
+		if err := os.WriteFile(file, []byte(cfg), 0o644); err != nil {
 			return err
 		}
 		argv := []string{s.wsplice, "run", "-c", file}
@@ -234,8 +316,14 @@ func (s *setup) start(t *target) error {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
 		}
+		var cert, key string
+		if t.TLS {
+			if cert, key, err = s.tlsFiles(); err != nil {
+				return err
+			}
+		}
 		file := filepath.Join(dir, "nginx.conf")
-		if err := os.WriteFile(file, []byte(nginxConfig(dir, t.Addr, s.backends, t.Name == "nginx-tuned")), 0o644); err != nil {
+		if err := os.WriteFile(file, []byte(nginxConfig(dir, t.Addr, s.backends, t.Name == "nginx-tuned", cert, key)), 0o644); err != nil {
 			return err
 		}
 		if err := t.startProc(pinned(s.proxyCPU, nginxBin, "-g", "daemon off;", "-c", file, "-p", dir, "-e", filepath.Join(dir, "error.log"))); err != nil {
@@ -262,8 +350,9 @@ func (s *setup) start(t *target) error {
 // wspliceConfig is an agent on one data plane with round robin over the
 // backends, no admin socket and no host tuning. parked > 0 sets
 // sockmap.parked_high_water (1 TiB = "pure sockmap": demotion by parked
-// bytes effectively off; the rate trigger is off by default).
-func wspliceConfig(addr string, backends []string, plane string, parked int64) string {
+// bytes effectively off; the rate trigger is off by default). cert and key,
+// when set, add a tls block that terminates TLS on the listener.
+func wspliceConfig(addr string, backends []string, plane string, parked int64, cert, key string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "dataplane: %s\n", plane)
 	if parked > 0 {
@@ -271,6 +360,9 @@ func wspliceConfig(addr string, backends []string, plane string, parked int64) s
 	}
 	fmt.Fprintf(&b, "admin:\n  socket: none\ntune:\n  mode: \"off\"\nlog:\n  level: warn\n")
 	fmt.Fprintf(&b, "listeners:\n  - address: %q\n    pool: p\n", addr)
+	if cert != "" {
+		fmt.Fprintf(&b, "    tls:\n      certificates:\n        - cert: %q\n          key: %q\n", cert, key)
+	}
 	fmt.Fprintf(&b, "pools:\n  - name: p\n    balance: round_robin\n    backends:\n")
 	for _, be := range backends {
 		fmt.Fprintf(&b, "      - address: %q\n", be)
@@ -279,8 +371,9 @@ func wspliceConfig(addr string, backends []string, plane string, parked int64) s
 }
 
 // nginxConfig follows the nginx WebSocket proxying guide; tuned adds
-// larger proxy buffers. The file limits fit the 20000 hard limit.
-func nginxConfig(dir, addr string, backends []string, tuned bool) string {
+// larger proxy buffers; cert and key, when set, terminate TLS (listen …
+// ssl). The file limits fit the 20000 hard limit.
+func nginxConfig(dir, addr string, backends []string, tuned bool, cert, key string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `worker_processes auto;
 worker_rlimit_nofile 20000;
@@ -306,10 +399,20 @@ http {
 	for _, be := range backends {
 		fmt.Fprintf(&b, "        server %s;\n", be)
 	}
+	ssl := ""
+	if cert != "" {
+		ssl = " ssl"
+	}
 	fmt.Fprintf(&b, `    }
     server {
-        listen %s backlog=4096;
-        location / {
+        listen %s%s backlog=4096;
+`, addr, ssl)
+	if cert != "" {
+		// nginx 1.22's default ssl_protocols lacks TLSv1.3, which the
+		// idle clients require (both TLS targets are measured on 1.3).
+		fmt.Fprintf(&b, "        ssl_certificate %s;\n        ssl_certificate_key %s;\n        ssl_protocols TLSv1.2 TLSv1.3;\n", cert, key)
+	}
+	b.WriteString(`        location / {
             proxy_pass http://ws;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -318,7 +421,7 @@ http {
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
             proxy_buffering off;
-`, addr)
+`)
 	if tuned {
 		b.WriteString(`            proxy_buffer_size 256k;
             proxy_buffers 8 256k;

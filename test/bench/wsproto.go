@@ -10,6 +10,7 @@ import (
 	"bufio"
 	"crypto/rand"
 	"crypto/sha1"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
@@ -86,12 +87,27 @@ func header(lines []string, name string) string {
 // the reader that holds any bytes read past the response head. hsTime is
 // the time from the start of connect to the complete 101 response.
 func wsDial(addr, path string, timeout time.Duration) (net.Conn, *bufio.Reader, time.Duration, error) {
+	return wsDialTLS(addr, path, timeout, false)
+}
+
+// wsDialTLS is wsDial, over TLS when useTLS (the benchmark's self-signed
+// certificate is not verified). The handshake time includes the TLS
+// handshake.
+func wsDialTLS(addr, path string, timeout time.Duration, useTLS bool) (net.Conn, *bufio.Reader, time.Duration, error) {
 	t0 := time.Now()
 	c, err := net.DialTimeout("tcp", addr, timeout)
 	if err != nil {
 		return nil, nil, 0, err
 	}
 	_ = c.SetDeadline(time.Now().Add(timeout))
+	if useTLS {
+		tc := tls.Client(c, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+		if err := tc.Handshake(); err != nil {
+			c.Close()
+			return nil, nil, 0, fmt.Errorf("tls handshake: %w", err)
+		}
+		c = tc
+	}
 	key := newKey()
 	if _, err := c.Write(upgradeRequest(addr, path, key)); err != nil {
 		c.Close()
