@@ -190,7 +190,7 @@ func (s *Sockmap) sockEvent(c *smConn, side int, ev uint32) {
 			err = unix.ECONNRESET
 		}
 		if err != nil {
-			s.reset(c, smResetReason(side), fmt.Errorf("%s socket: epoll events %#x: %w", smSide(side), ev, err))
+			s.reset(c, smFailReason(side, err), fmt.Errorf("%s socket: epoll events %#x: %w", smSide(side), ev, err))
 			return
 		}
 	}
@@ -204,6 +204,19 @@ func smResetReason(side int) CloseReason {
 		return ReasonClientReset
 	}
 	return ReasonBackendReset
+}
+
+// smFailReason maps the error on side's socket (its SO_ERROR) to a close
+// reason: ETIMEDOUT (keepalive probes or TCP_USER_TIMEOUT ran out: the
+// peer died) is a timeout, anything else a reset.
+func smFailReason(side int, err error) CloseReason {
+	if errors.Is(err, unix.ETIMEDOUT) {
+		if side == 0 {
+			return ReasonClientTimeout
+		}
+		return ReasonBackendTimeout
+	}
+	return smResetReason(side)
 }
 
 func (s *Sockmap) runCmds(now int64) {

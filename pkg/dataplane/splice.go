@@ -271,6 +271,19 @@ func (sd spSide) reset() CloseReason {
 	return ReasonBackendReset
 }
 
+// failed maps an error on side sd's socket to a close reason: ETIMEDOUT
+// (keepalive probes or TCP_USER_TIMEOUT ran out: the peer died) is a
+// timeout, anything else a reset.
+func (sd spSide) failed(err error) CloseReason {
+	if errors.Is(err, unix.ETIMEDOUT) {
+		if sd == spClient {
+			return ReasonClientTimeout
+		}
+		return ReasonBackendTimeout
+	}
+	return sd.reset()
+}
+
 // spliceConn is one connection on the plane.
 type spliceConn struct {
 	s               *Splice
@@ -567,9 +580,9 @@ func (d *spDir) spEnd() int {
 		sc.s.log.Debug("splice refused, copying with read/write", "conn", sc.c.ID, "from", d.from.String())
 		return spContinue
 	case d.rerr != nil:
-		sc.spAbort(d.from.reset(), nil, true)
+		sc.spAbort(d.from.failed(d.rerr), nil, true)
 	case d.werr != nil:
-		sc.spAbort(d.to.reset(), nil, true)
+		sc.spAbort(d.to.failed(d.werr), nil, true)
 	case d.eof:
 		// Every byte read before the EOF has been written: pass the FIN
 		// on. The other direction keeps flowing. The FIN is recorded
@@ -720,7 +733,7 @@ func (d *spDir) spWatch() {
 	case err != nil:
 		d.sc.spAbort(ReasonError, fmt.Errorf("splice: watching %s socket: %w", d.from, err), true)
 	case d.rerr != nil:
-		d.sc.spAbort(d.from.reset(), nil, true)
+		d.sc.spAbort(d.from.failed(d.rerr), nil, true)
 	}
 }
 
