@@ -223,7 +223,7 @@ const maxIdlePipeFDs = 2*8 + 3
 // counts.
 func settledFDs(t *testing.T, pid int) (other, pipes int) {
 	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		other, pipes = fdCount(t, pid)
 		if pipes <= maxIdlePipeFDs || time.Now().After(deadline) {
 			return other, pipes
