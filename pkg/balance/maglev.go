@@ -42,12 +42,13 @@ const maxTableSize = 1 << 24
 func tableSize(n int) int {
 	m := DefaultTableSize
 	for m < 100*n {
-		m = nextPrime(2*(m-1) + 1)
+		m = NextPrime(2*(m-1) + 1)
 	}
 	return m
 }
 
-func isPrime(n int) bool {
+// IsPrime reports whether n is prime (Maglev table sizes must be).
+func IsPrime(n int) bool {
 	if n < 2 {
 		return false
 	}
@@ -64,8 +65,9 @@ func isPrime(n int) bool {
 	return true
 }
 
-func nextPrime(n int) int {
-	for !isPrime(n) {
+// NextPrime returns the smallest prime ≥ n.
+func NextPrime(n int) int {
+	for !IsPrime(n) {
 		n++
 	}
 	return n

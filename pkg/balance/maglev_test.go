@@ -10,7 +10,7 @@ func TestTableSize(t *testing.T) {
 		{0, 65537}, {1, 65537}, {655, 65537}, {656, 131101}, {1000, 131101}, {1311, 131101}, {1312, 262217}, {10000, 1048909},
 	} {
 		got := tableSize(tc.n)
-		if got != tc.want || !isPrime(got) || got < 100*tc.n {
+		if got != tc.want || !IsPrime(got) || got < 100*tc.n {
 			t.Errorf("tableSize(%d) = %d, want %d (a prime ≥ %d)", tc.n, got, tc.want, 100*tc.n)
 		}
 	}

@@ -179,8 +179,8 @@ func NewPool(name string, specs []BackendSpec, opt Options) (*Pool, error) {
 	if opt.TableSize < 0 {
 		return nil, fmt.Errorf("pool %s: table size %d is negative: use 0 to pick one", name, opt.TableSize)
 	}
-	if opt.TableSize != 0 && (opt.TableSize > maxTableSize || !isPrime(opt.TableSize)) {
-		return nil, fmt.Errorf("pool %s: table size %d: use a prime up to %d, e.g. %d, or 0 to pick one", name, opt.TableSize, maxTableSize, nextPrime(min(opt.TableSize, maxTableSize-1000)))
+	if opt.TableSize != 0 && (opt.TableSize > maxTableSize || !IsPrime(opt.TableSize)) {
+		return nil, fmt.Errorf("pool %s: table size %d: use a prime up to %d, e.g. %d, or 0 to pick one", name, opt.TableSize, maxTableSize, NextPrime(min(opt.TableSize, maxTableSize-1000)))
 	}
 	p := &Pool{name: name, opt: opt}
 	p.needTbl = opt.Algorithm == Maglev
@@ -243,7 +243,7 @@ func (p *Pool) Update(specs []BackendSpec) error {
 	}
 	if p.needTbl && p.opt.TableSize != 0 && p.opt.TableSize < 100*len(specs) {
 		return fmt.Errorf("pool %s: table size %d is less than 100 × %d backends: use %d or more, or 0 to pick one",
-			p.name, p.opt.TableSize, len(specs), nextPrime(100*len(specs)))
+			p.name, p.opt.TableSize, len(specs), NextPrime(100*len(specs)))
 	}
 
 	p.mu.Lock()

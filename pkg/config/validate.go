@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/wsplice/wsplice/pkg/balance"
 )
 
 // Choices for the enumerated fields; Validate names them in its errors.
@@ -94,9 +96,9 @@ func (c *Config) Validate() error {
 		if err := CheckHashKey(p.HashKey); err != nil {
 			bad(f+".hash_key", "%v", err)
 		}
-		if p.MaglevTableSize != 0 && (!isPrime(p.MaglevTableSize) || p.MaglevTableSize < 100*len(p.Backends)) {
+		if p.MaglevTableSize != 0 && (!balance.IsPrime(p.MaglevTableSize) || p.MaglevTableSize < 100*len(p.Backends)) {
 			bad(f+".maglev_table_size", "%d must be a prime ≥ 100 × backends (%d): try %d, or 0 to pick one",
-				p.MaglevTableSize, 100*len(p.Backends), nextPrime(max(p.MaglevTableSize, 100*len(p.Backends))))
+				p.MaglevTableSize, 100*len(p.Backends), balance.NextPrime(max(p.MaglevTableSize, 100*len(p.Backends))))
 		}
 		if p.BalanceFactor < 0 || p.BalanceFactor > 10 {
 			bad(f+".balance_factor", "%g is out of range: use 0 (off) or e.g. 0.25 for at most 125%% of the average load", p.BalanceFactor)
@@ -290,23 +292,4 @@ func checkHostPort(addr string, listen bool) error {
 		return fmt.Errorf("%q has no host: write host:port", addr)
 	}
 	return nil
-}
-
-func isPrime(n int) bool {
-	if n < 2 {
-		return false
-	}
-	for d := 2; d*d <= n; d++ {
-		if n%d == 0 {
-			return false
-		}
-	}
-	return true
-}
-
-func nextPrime(n int) int {
-	for !isPrime(n) {
-		n++
-	}
-	return n
 }
