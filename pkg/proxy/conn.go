@@ -269,6 +269,12 @@ func (s *Server) tried(p *pool, b *balance.Backend, err error) {
 	}
 }
 
+// socketDied: err says a socket of the pair failed (reset, broken pipe,
+// peer timed out), as opposed to the plane declining it.
+func socketDied(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ETIMEDOUT)
+}
+
 // localFailure: the dial failed for a reason of this host (out of fds,
 // ports or memory), not the backend's.
 func localFailure(err error) bool {
@@ -386,6 +392,16 @@ func (s *Server) startPlane(l *listener, conn *Conn, c, be *net.TCPConn, release
 			return true
 		}
 		s.table.remove(conn.ID)
+		if socketDied(err) {
+			// A socket was reset while joining (the error is consumed by the
+			// read that saw it): splice would read a clean EOF and pass on a
+			// FIN. The other side must see the reset.
+			s.log.Debug("a socket was reset while joining the sockmap", "id", conn.ID, "err", err)
+			c.SetLinger(0)
+			be.SetLinger(0)
+			c.Close()
+			return false
+		}
 		s.Counters.PlaneFallbacks.Add(1)
 		s.log.Debug("sockmap refused connection, using splice", "id", conn.ID, "err", err)
 	}
