@@ -698,26 +698,35 @@ func (d *spDir) spReadCopy(fd uintptr) bool {
 
 // spWriteCopy is spWriteSplice for the read/write fallback.
 func (d *spDir) spWriteCopy(fd uintptr) bool {
-	b := *d.buf
-	for d.bufOff < d.bufN {
-		n, err := unix.Write(int(fd), b[d.bufOff:d.bufN])
+	n, done := d.spWrite(fd, (*d.buf)[d.bufOff:d.bufN])
+	d.bufOff += n
+	return done
+}
+
+// spWrite writes b to fd, counting what moved. It returns how much it wrote
+// and false when the send buffer is full (wait for writability); true when
+// b is written or the write failed (d.werr set).
+func (d *spDir) spWrite(fd uintptr, b []byte) (int, bool) {
+	w := 0
+	for w < len(b) {
+		n, err := unix.Write(int(fd), b[w:])
 		switch {
 		case n > 0:
-			d.bufOff += n
+			w += n
 			d.bytes.Add(uint64(n))
 			d.sc.spTouch()
 		case err == unix.EINTR:
 		case err == unix.EAGAIN:
-			return false
+			return w, false
 		case err == nil:
 			d.werr = errors.New("write to socket wrote nothing")
-			return true
+			return w, true
 		default:
 			d.werr = err
-			return true
+			return w, true
 		}
 	}
-	return true
+	return w, true
 }
 
 // spWatch keeps the goroutine of a direction that has forwarded its EOF

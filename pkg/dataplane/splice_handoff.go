@@ -306,23 +306,7 @@ func (d *spDir) spResume() bool {
 
 // spWritePending writes d.pending to the destination; false waits for room.
 func (d *spDir) spWritePending(fd uintptr) bool {
-	for len(d.pending) > 0 {
-		n, err := unix.Write(int(fd), d.pending)
-		switch {
-		case n > 0:
-			d.pending = d.pending[n:]
-			d.bytes.Add(uint64(n))
-			d.sc.spTouch()
-		case err == unix.EINTR:
-		case err == unix.EAGAIN:
-			return false
-		case err == nil:
-			d.werr = errors.New("write to socket wrote nothing")
-			return true
-		default:
-			d.werr = err
-			return true
-		}
-	}
-	return true
+	n, done := d.spWrite(fd, d.pending)
+	d.pending = d.pending[n:]
+	return done
 }
