@@ -52,6 +52,13 @@ type SockmapOptions struct {
 	// Logger receives integrity resets, demotion failures and BPF errors.
 	// Nil discards them.
 	Logger *slog.Logger
+	// Inherit makes the plane use the BPF objects of a running agent
+	// (InheritSockmap, during a binary upgrade) instead of loading its
+	// own, so the connections it hands over can be adopted without their
+	// sockets leaving the maps. The map sizes and activity step are the
+	// old agent's; MaxConns is ignored. The plane owns Inherit from here
+	// on, also on error.
+	Inherit *InheritedSockmap
 }
 
 // Demotion reasons, the values of Stats.DemoteReason.
@@ -133,6 +140,10 @@ type Sockmap struct {
 	out       []smOut // Done calls and hand-offs, run by the loop outside mu
 	closing   bool
 	scanEvery time.Duration
+	// exported: an upgrade handed the BPF objects to a new agent process
+	// (Export), which reads the activity ring from then on; this plane
+	// stops reading it and finds activity by scanning every smExportScan.
+	exported bool
 	ctr       SockmapCounters // guarded by mu (except the atomics below)
 
 	refused atomic.Uint64
@@ -148,6 +159,11 @@ type smBPF struct {
 	rawAtt  bool
 	iter    *link.Iter
 	ring    *ringbuf.Reader
+	// shared: another agent process may hold the attachment too (this
+	// plane inherited it, or exported it in an upgrade). A legacy
+	// attachment is then never detached explicitly: it ends with the
+	// verdict map, when the last process lets go of it.
+	shared bool
 }
 
 func (b *smBPF) close() error {
@@ -161,7 +177,7 @@ func (b *smBPF) close() error {
 	if b.verdict != nil {
 		errs = append(errs, b.verdict.Close())
 	}
-	if b.rawAtt {
+	if b.rawAtt && !b.shared {
 		errs = append(errs, link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  b.objs.VerdictMap.FD(),
 			Program: b.objs.WspliceVerdict,
@@ -172,11 +188,15 @@ func (b *smBPF) close() error {
 	return errors.Join(errs...)
 }
 
-// smLoad loads and attaches the BPF objects sized for maxConns.
-func smLoad(maxConns int, step uint64) (*smBPF, error) {
+// smLoad loads and attaches the BPF objects sized for maxConns, or, with
+// inh, takes over a running agent's (smLoadInherited).
+func smLoad(maxConns int, step uint64, inh *InheritedSockmap) (*smBPF, error) {
 	spec, err := loadSockmap()
 	if err != nil {
 		return nil, fmt.Errorf("reading embedded BPF object: %w", err)
+	}
+	if inh != nil {
+		return smLoadInherited(spec, inh)
 	}
 	for _, name := range []string{sockmapMapVerdictMap, sockmapMapTargetMap, sockmapMapSocks} {
 		spec.Maps[name].MaxEntries = uint32(2 * maxConns)
@@ -210,24 +230,35 @@ func smLoad(maxConns int, step uint64) (*smBPF, error) {
 		}
 		b.rawAtt = true
 	}
+	if err := b.attachIterAndRing(); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// attachIterAndRing attaches the demotion iterator and opens the ring
+// buffer reader: the steps a new and an inherited plane share. On error b
+// is closed.
+func (b *smBPF) attachIterAndRing() error {
+	var err error
 	b.iter, err = link.AttachIter(link.IterOptions{Program: b.objs.WspliceDemote})
 	if err != nil {
 		b.close()
-		return nil, fmt.Errorf("attaching iter/tcp demotion program: %w", err)
+		return fmt.Errorf("attaching iter/tcp demotion program: %w", err)
 	}
 	b.ring, err = ringbuf.NewReader(b.objs.Events)
 	if err != nil {
 		b.close()
-		return nil, fmt.Errorf("opening activity ring buffer: %w", err)
+		return fmt.Errorf("opening activity ring buffer: %w", err)
 	}
-	return b, nil
+	return nil
 }
 
 // SockmapSupported reports whether the sockmap plane can run here: it loads
 // and attaches the BPF objects (with tiny maps) and releases them. The error
 // says why not (missing capability, kernel without sockhash or iter/tcp...).
 func SockmapSupported() error {
-	b, err := smLoad(16, 1<<20)
+	b, err := smLoad(16, 1<<20, nil)
 	if err != nil {
 		return err
 	}
@@ -253,6 +284,8 @@ func NewSockmap(opts SockmapOptions) (*Sockmap, error) {
 	if opts.RcvBuf == 0 {
 		opts.RcvBuf = 1 << 20
 	}
+	inh := opts.Inherit
+	opts.Inherit = nil // owned by the plane's BPF objects from here on
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -268,6 +301,11 @@ func NewSockmap(opts SockmapOptions) (*Sockmap, error) {
 	if opts.RateLimit > 0 {
 		step = min(step, max(opts.RateLimit/100, 64<<10))
 	}
+	if inh != nil {
+		// The program's own step, and the maps' size, are the old agent's.
+		step = int64(inh.meta.Step)
+		opts.MaxConns = int(inh.maps[sockmapMapVerdictMap].MaxEntries() / 2)
+	}
 	s := &Sockmap{
 		opts:      opts,
 		log:       log,
@@ -282,15 +320,17 @@ func NewSockmap(opts SockmapOptions) (*Sockmap, error) {
 	}
 	var err error
 	if s.nsFD, err = unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+		inh.Close()
 		return nil, fmt.Errorf("sockmap: opening own network namespace: %w", err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(s.nsFD, &st); err != nil {
+		inh.Close()
 		unix.Close(s.nsFD)
 		return nil, fmt.Errorf("sockmap: stat network namespace: %w", err)
 	}
 	s.nsIno = st.Ino
-	if s.bpf, err = smLoad(opts.MaxConns, uint64(step)); err != nil {
+	if s.bpf, err = smLoad(opts.MaxConns, uint64(step), inh); err != nil {
 		unix.Close(s.nsFD)
 		return nil, fmt.Errorf("sockmap: %w", err)
 	}

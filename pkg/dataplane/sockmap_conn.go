@@ -240,7 +240,7 @@ func (s *Sockmap) Start(c *Conn) (err error) {
 			// The client socket is live, the backend missed the verdict
 			// map (FIN raced us): leave through the demotion path, which
 			// takes the client out under its lock and checks the bytes.
-			s.register(sc, c)
+			s.register(sc, c, false)
 			s.mu.Lock()
 			s.ctr.InsertFailures++
 			s.queueDemote(sc, DemoteInsert)
@@ -253,19 +253,32 @@ func (s *Sockmap) Start(c *Conn) (err error) {
 		s.mu.Unlock()
 		return err
 	}
-	s.register(sc, c)
+	s.register(sc, c, false)
 	return nil
 }
 
-// register hands an inserted connection to the loop and drops the
-// net.Conns: from here on only the plane's duplicates keep the sockets.
-func (s *Sockmap) register(sc *smConn, c *Conn) {
-	sc.startNs = monoNow()
+// register hands an inserted (or adopted) connection to the loop and
+// drops the net.Conns: from here on only the plane's duplicates keep the
+// sockets. An adopted connection keeps its start time, is not counted as
+// started, and is polled at once (parked bytes, a FIN that came during
+// the hand-off, a demotion to run or to finish).
+func (s *Sockmap) register(sc *smConn, c *Conn, adopted bool) {
+	if !adopted {
+		sc.startNs = monoNow()
+	}
 	s.mu.Lock()
 	s.conns[sc.id] = sc
 	s.byCookie[sc.cookie[0]] = sc
 	s.byCookie[sc.cookie[1]] = sc
-	s.ctr.Started++
+	if adopted {
+		if sc.phase == smQueued {
+			s.demoteQ = append(s.demoteQ, sc)
+		}
+		s.makeHot(sc)
+		s.urgent = append(s.urgent, sc)
+	} else {
+		s.ctr.Started++
+	}
 	rescan := false
 	if sc.idle > 0 && sc.idle/4 < s.scanEvery {
 		s.scanEvery = max(sc.idle/4, 10*time.Millisecond)
@@ -288,7 +301,7 @@ func (s *Sockmap) register(sc *smConn, c *Conn) {
 	s.mu.Unlock()
 	c.Client.Close()
 	c.Backend.Close()
-	if rescan || eerr != nil {
+	if rescan || eerr != nil || adopted {
 		s.ep.poke() // the loop may be asleep until the old scan time
 	}
 }

@@ -49,7 +49,7 @@ func (s *Sockmap) loop(ready chan<- error) {
 		busy := len(s.hot) > 0 || len(s.demoteQ) > 0
 		copying := len(s.copyQ) > 0
 		// Read each time: a Start with a short IdleTimeout shortens it.
-		nextScan := lastScan + int64(s.scanEvery)
+		nextScan := lastScan + int64(s.scanInterval())
 		s.mu.Unlock()
 		now = monoNow()
 		wake := nextScan
@@ -111,7 +111,7 @@ func (s *Sockmap) loop(ready chan<- error) {
 				nextTick = now + int64(s.opts.PollInterval)
 			}
 		}
-		if now >= lastScan+int64(s.scanEvery) {
+		if now >= lastScan+int64(s.scanInterval()) {
 			s.scan(now)
 			lastScan = now
 		}
@@ -135,6 +135,9 @@ func (s *Sockmap) loop(ready chan<- error) {
 // drainRing reads every pending activity event: each names a socket that
 // redirected another notify_step bytes, whose connection becomes busy.
 func (s *Sockmap) drainRing(rec *ringbuf.Record) {
+	if s.exported {
+		return // the new agent reads it (an event may predate Export)
+	}
 	s.bpf.ring.SetDeadline(time.Unix(1, 0)) // in the past: never block
 	for {
 		if err := s.bpf.ring.ReadInto(rec); err != nil {
@@ -155,6 +158,15 @@ func (s *Sockmap) drainRing(rec *ringbuf.Record) {
 			s.urgent = append(s.urgent, c)
 		}
 	}
+}
+
+// scanInterval is how often scan runs: scanEvery, or more often while the
+// activity ring belongs to another process (Export). Called under mu.
+func (s *Sockmap) scanInterval() time.Duration {
+	if s.exported {
+		return min(s.scanEvery, smExportScan)
+	}
+	return s.scanEvery
 }
 
 func (s *Sockmap) makeHot(c *smConn) {
@@ -620,21 +632,12 @@ func (s *Sockmap) deliver(o *smOut) {
 	s.demoted[c.id] = d
 	s.mu.Unlock()
 	s.demotedWG.Add(1)
-	done := c.done
-	id := c.id
 	err := s.opts.Fallback.Start(&Conn{
 		ID:          c.id,
 		Client:      tcs[0],
 		Backend:     tcs[1],
 		IdleTimeout: c.idle,
-		Done: func(r Result) {
-			r.Stats = d.merge(r.Stats)
-			s.mu.Lock()
-			delete(s.demoted, id)
-			s.mu.Unlock()
-			done(r)
-			s.demotedWG.Done()
-		},
+		Done:        s.demotedDone(c.id, d, c.done),
 	})
 	if err != nil {
 		s.demotedWG.Done()
