@@ -144,7 +144,7 @@ type Sockmap struct {
 	// (Export), which reads the activity ring from then on; this plane
 	// stops reading it and finds activity by scanning every smExportScan.
 	exported bool
-	ctr       SockmapCounters // guarded by mu (except the atomics below)
+	ctr      SockmapCounters // guarded by mu (except the atomics below)
 
 	refused atomic.Uint64
 }
