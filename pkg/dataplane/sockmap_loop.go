@@ -23,7 +23,10 @@ import (
 // namespace of the thread that opens it.
 
 const (
-	smQuietPolls   = 4 // quiet polls before a connection is no longer busy
+	smQuietPolls = 4 // quiet polls before a connection is no longer busy
+	// smQuietParked: parked bytes a quiet connection may show (bytes
+	// redirected an instant before the poll and not yet queued).
+	smQuietParked  = 64 << 10
 	smRateWindow   = 50 * time.Millisecond
 	smCloseGrace   = 2 * time.Second // FIN close waits this long at most for parked bytes
 	smStallTimeout = 2 * time.Second // FIN with bytes unaccounted for this long: integrity reset
@@ -391,7 +394,13 @@ func (s *Sockmap) poll(c *smConn, now int64) {
 	if gone {
 		return
 	}
-	if !moved && !pending && c.parked[0] == 0 && c.parked[1] == 0 {
+	// Quiet: no FIN waiting and next to nothing parked. Bytes moving do
+	// not keep a connection busy: the program reports it again after
+	// another activity step, which bounds what can park meanwhile just
+	// as for any idle connection. Otherwise every chatty connection of
+	// small messages would be polled for ever, and a few thousand of
+	// them keep the loop (and a CPU) busy for nothing.
+	if !pending && c.parked[0] < smQuietParked && c.parked[1] < smQuietParked {
 		c.quiet++
 		if c.quiet >= smQuietPolls {
 			delete(s.hot, c)
@@ -473,9 +482,9 @@ func (s *Sockmap) backoff(c *smConn, now int64, progress bool) {
 	c.nextPoll = now + int64(s.opts.PollInterval)<<c.stuck
 }
 
-// scan looks at every connection that is not busy: one that moved bytes
-// since it was last seen (a lost ring event) becomes busy, one idle past
-// its IdleTimeout is closed with FIN. It reads the counters of all sockets
+// scan looks at every connection that is not busy: one that moved a
+// quarter activity step since it was last polled (a lost ring event)
+// becomes busy, one idle past its IdleTimeout is closed with FIN. It reads the counters of all sockets
 // with batched lookups (one syscall per 1,024 sockets), so a scan of many
 // idle connections stays cheap.
 func (s *Sockmap) scan(now int64) {
@@ -500,7 +509,10 @@ func (s *Sockmap) scan(now int64) {
 				side = 1
 			}
 			c.seenNs = max(c.seenNs, int64(st.LastNs))
-			if st.Bytes != c.last[side] || st.Fails != 0 {
+			// A quarter step moved since the last poll: an activity
+			// report may have been lost (ring full), or the ring is the
+			// new agent's (exported). Less is normal chatter.
+			if st.Bytes >= c.last[side]+s.step/4 || st.Fails != 0 {
 				s.makeHot(c)
 			}
 		}
