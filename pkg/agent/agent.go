@@ -134,24 +134,11 @@ func (a *Agent) start() error {
 	}
 	a.Splice = dataplane.NewSplice(dataplane.SpliceOptions{Logger: a.log})
 	planes := proxy.Planes{Splice: a.Splice}
-	if a.wantsSockmap() {
-		s := a.cfg.Sockmap
-		sm, err := dataplane.NewSockmap(dataplane.SockmapOptions{
-			MaxConns: s.MaxConns, ParkedHighWater: s.ParkedHighWater, RateLimit: s.RateLimit,
-			PollInterval: s.PollInterval.D(), RcvBuf: s.RcvBuf, Fallback: a.Splice, Logger: a.log,
-		})
-		switch {
-		case err == nil:
-			a.Sockmap = sm
-			planes.Sockmap = sm
-			a.log.Info("data plane: sockmap (in-kernel forwarding), splice as fallback")
-		case a.requiresSockmap():
-			return fmt.Errorf("dataplane sockmap was requested but is unavailable: %w (use dataplane: auto to fall back to splice)", err)
-		default:
-			a.log.Warn("data plane: splice, because the sockmap plane is unavailable", "why", err)
-		}
-	} else {
-		a.log.Info("data plane: splice (configured)")
+	if err := a.startSockmap(); err != nil {
+		return err
+	}
+	if a.Sockmap != nil {
+		planes.Sockmap = a.Sockmap
 	}
 	access, err := openAccessLog(a.cfg.Log)
 	if err != nil {
@@ -212,6 +199,68 @@ func (a *Agent) tune() error {
 		a.cfg.Limits.MaxConns = rep.MaxConns
 	}
 	return nil
+}
+
+// startSockmap starts the sockmap plane when a listener may use it, or
+// when this agent inherited a running agent's sockmap objects (an
+// upgrade: its kernel-path connections can only be adopted on them, and
+// listeners configured for splice still get none).
+func (a *Agent) startSockmap() error {
+	inh := a.inheritedSockmap()
+	want := a.wantsSockmap()
+	if !want && inh == nil {
+		a.log.Info("data plane: splice (configured)")
+		return nil
+	}
+	s := a.cfg.Sockmap
+	opts := dataplane.SockmapOptions{
+		MaxConns: s.MaxConns, ParkedHighWater: s.ParkedHighWater, RateLimit: s.RateLimit,
+		PollInterval: s.PollInterval.D(), RcvBuf: s.RcvBuf, Fallback: a.Splice, Logger: a.log,
+	}
+	if inh != nil {
+		opts.Inherit = inh
+		sm, err := dataplane.NewSockmap(opts)
+		if err == nil {
+			a.Sockmap = sm
+			a.log.Info("data plane: sockmap on the running agent's BPF maps (upgrade), splice as fallback")
+			return nil
+		}
+		a.log.Warn("upgrade: cannot use the running agent's sockmap objects; its kernel-path connections stay with it until they close", "err", err)
+		opts.Inherit = nil
+		if !want {
+			a.log.Info("data plane: splice (configured)")
+			return nil
+		}
+	}
+	sm, err := dataplane.NewSockmap(opts)
+	switch {
+	case err == nil:
+		a.Sockmap = sm
+		a.log.Info("data plane: sockmap (in-kernel forwarding), splice as fallback")
+	case a.requiresSockmap():
+		return fmt.Errorf("dataplane sockmap was requested but is unavailable: %w (use dataplane: auto to fall back to splice)", err)
+	default:
+		a.log.Warn("data plane: splice, because the sockmap plane is unavailable", "why", err)
+	}
+	return nil
+}
+
+// inheritedSockmap returns the running agent's sockmap objects when this
+// process was started by its upgrade with them (dataplane.EnvSockmap),
+// else nil. The variable is removed either way: a later upgrade's child
+// must not read descriptors that are not its own.
+func (a *Agent) inheritedSockmap() *dataplane.InheritedSockmap {
+	v, ok := os.LookupEnv(dataplane.EnvSockmap)
+	os.Unsetenv(dataplane.EnvSockmap)
+	if !ok || a.up.inherit == nil {
+		return nil
+	}
+	inh, err := dataplane.InheritSockmap(v)
+	if err != nil {
+		a.log.Warn("upgrade: the running agent's sockmap objects are unusable; its kernel-path connections stay with it until they close", "err", err)
+		return nil
+	}
+	return inh
 }
 
 // wantsSockmap: some listener may use the kernel path.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/wsplice/wsplice/pkg/admin"
+	"github.com/wsplice/wsplice/pkg/dataplane"
 	"github.com/wsplice/wsplice/pkg/proxy"
 	"github.com/wsplice/wsplice/pkg/sdnotify"
 	"github.com/wsplice/wsplice/pkg/upgrade"
@@ -197,18 +198,39 @@ func (a *Agent) Upgrade(ctx context.Context, binary string) (upgrade.Result, err
 	if err := a.Proxy.BeginHandoff(); err != nil {
 		return upgrade.Result{}, err
 	}
+	spec := upgrade.Spec{
+		Path: path, Args: os.Args[1:], Env: os.Environ(),
+		Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
+	}
+	// The sockmap plane's maps and attachment go to the new process as
+	// inherited descriptors: its plane is built on them, so kernel-path
+	// connections move without their sockets leaving the maps.
+	var exported *dataplane.SockmapExport
+	if a.Sockmap != nil {
+		x, err := a.Sockmap.Export()
+		if err != nil {
+			_ = a.Proxy.ResumeHandoff(nil, nil)
+			return upgrade.Result{}, fmt.Errorf("upgrade: %w", err)
+		}
+		defer x.Close()
+		exported = x
+		spec.ExtraFiles = x.Files
+		spec.ExtraEnv = []string{x.Env(upgrade.FirstExtraFD)}
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(a.up.stop, cancel)()
 	a.log.Info("upgrade: starting the new agent", "binary", path, "connections", a.Proxy.Active())
 	src := &source{a: a}
-	s, err := upgrade.Hand(ctx, upgrade.Spec{
-		Path: path, Args: os.Args[1:], Env: os.Environ(),
-		Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
-	}, src, a.up.opts)
+	s, err := upgrade.Hand(ctx, spec, src, a.up.opts)
 	if err != nil {
 		if !src.resumed {
 			_ = a.Proxy.ResumeHandoff(nil, nil) // failed before anything moved
+		}
+		if exported != nil {
+			// The new process is gone (Hand waits for it): the activity
+			// ring is this plane's alone again.
+			a.Sockmap.Unexport()
 		}
 		a.log.Error("upgrade failed; this agent keeps serving", "err", err)
 		return upgrade.Result{}, err

@@ -119,8 +119,6 @@ func (s *Server) checkHandoff() error {
 	for k, n := range stuck {
 		why := "it cannot hand connections to another process"
 		switch k {
-		case dataplane.KindSockmap:
-			why = "its sockets sit in this process's BPF maps and taking them out safely (DESIGN.md facts 12–15) is not implemented for upgrades yet"
 		case dataplane.KindCopy:
 			why = "their TLS session state lives in this process"
 		}

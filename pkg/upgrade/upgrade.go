@@ -161,7 +161,17 @@ type Spec struct {
 	Env  []string // environment; EnvFD is added, WATCHDOG_PID removed
 	// Stdin, Stdout and Stderr are passed as they are (nil: /dev/null).
 	Stdin, Stdout, Stderr *os.File
+	// ExtraFiles are inherited by the new process as descriptors
+	// FirstExtraFD, FirstExtraFD+1, … (the data planes' kernel objects);
+	// ExtraEnv, added to Env, tells it which is which. The caller keeps
+	// and closes them.
+	ExtraFiles []*os.File
+	ExtraEnv   []string
 }
+
+// FirstExtraFD is the descriptor number of Spec.ExtraFiles[0] in the new
+// process (after stdio and the hand-off socket).
+const FirstExtraFD = 4
 
 // Result describes a committed upgrade.
 type Result struct {
@@ -226,7 +236,8 @@ func Hand(ctx context.Context, spec Spec, src Source, opts Options) (*Session, e
 	}
 	cmd := exec.Command(spec.Path, spec.Args...)
 	cmd.Env = append(childEnv(spec.Env), fmt.Sprintf("%s=%d", EnvFD, 3))
-	cmd.ExtraFiles = []*os.File{childEnd}
+	cmd.Env = append(cmd.Env, spec.ExtraEnv...)
+	cmd.ExtraFiles = append([]*os.File{childEnd}, spec.ExtraFiles...)
 	if spec.Stdin != nil {
 		cmd.Stdin = spec.Stdin
 	}
@@ -459,12 +470,13 @@ func (h *hand) kill() {
 	<-h.exited
 }
 
-// childEnv is env without the hand-off variable and WATCHDOG_PID (the
-// old process's; the watchdog belongs to whichever is the main PID).
+// childEnv is env without the hand-off variables (WSPLICE_UPGRADE_*: a
+// process started by an upgrade may still have its own) and WATCHDOG_PID
+// (the old process's; the watchdog belongs to whichever is the main PID).
 func childEnv(env []string) []string {
 	out := make([]string, 0, len(env)+1)
 	for _, kv := range env {
-		if strings.HasPrefix(kv, EnvFD+"=") || strings.HasPrefix(kv, "WATCHDOG_PID=") {
+		if strings.HasPrefix(kv, "WSPLICE_UPGRADE_") || strings.HasPrefix(kv, "WATCHDOG_PID=") {
 			continue
 		}
 		out = append(out, kv)

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,9 +24,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/wsplice/wsplice/pkg/admin"
 	"github.com/wsplice/wsplice/pkg/config"
-	"github.com/wsplice/wsplice/pkg/proxy"
 	"github.com/wsplice/wsplice/test/testutil"
 )
 
@@ -548,8 +549,8 @@ func (f *msgFleet) finish() (msgs uint64) {
 	return msgs
 }
 
-func upgradeConfig(backend string, metrics string) *config.Config {
-	cfg := simpleConfig("splice", backend)
+func upgradeConfig(backend, metrics, plane string) *config.Config {
+	cfg := simpleConfig(plane, backend)
 	cfg.Metrics.Address = metrics
 	cfg.Listeners[0].Backlog = 4096
 	return cfg
@@ -591,25 +592,51 @@ func healthz(addr string) error {
 // metrics address move too, and at the end every message arrived exactly
 // once and in order, both ways. Then an upgrade to a binary that exits at
 // once fails and leaves the agent serving everything, new clients too.
+//
+// On the sockmap plane the new agent also takes over the old one's BPF
+// maps (the same map ids, each socket in them throughout) and the
+// connections never leave the kernel path.
 func TestUpgrade(t *testing.T) {
 	if testing.Short() {
 		t.Skip("child agents")
 	}
+	for _, plane := range []string{"splice", "sockmap"} {
+		t.Run(plane, func(t *testing.T) {
+			if plane == "sockmap" {
+				testutil.RequirePrivileged(t)
+			}
+			testUpgrade(t, plane)
+		})
+	}
+}
+
+func testUpgrade(t *testing.T, plane string) {
 	n := upConns()
 	b := startMsgBackend(t)
 	metrics := freePort(t)
-	a := startChildAgent(t, upgradeConfig(b.ln.Addr().String(), metrics))
+	a := startChildAgent(t, upgradeConfig(b.ln.Addr().String(), metrics, plane))
 	t0 := time.Now()
 	f := startFleet(t, a.addr, b, n)
 	t.Logf("%d connections established in %v", n, time.Since(t0).Round(time.Millisecond))
 	pid := a.first.Process.Pid
 	f.progress(f.echoes(), 60*time.Second)
+	cpu0, e0, t0 := cpuTicks(pid), sumEchoes(f.echoes()), time.Now()
+	time.Sleep(2 * time.Second)
+	t.Logf("steady state: the agent used %.0f%% of a CPU for %.0f echoes/s", float64(cpuTicks(pid)-cpu0)/float64(time.Since(t0)/(10*time.Millisecond))*100,
+		float64(sumEchoes(f.echoes())-e0)/time.Since(t0).Seconds())
 	base, basePipes := settledFDs(t, pid)
 	baseKinds := fdKinds(pid)
 	if base < 2*n {
 		t.Fatalf("the agent holds %d descriptors for %d connections", base, n)
 	}
 	t.Logf("agent pid %d holds %d descriptors besides %d of pipes (%d for the connections)", pid, base, basePipes, 2*n)
+	var maps sockhashes
+	if plane == "sockmap" {
+		maps = agentSockhashes(t, pid)
+		if got := maps.entries(t); got != [2]int{2 * n, 2 * n} {
+			t.Fatalf("sockhash entries %v, want %d in each", got, 2*n)
+		}
+	}
 	// Sockets may differ by the admin and metrics clients' idle
 	// keep-alive connections.
 	const slack = 4
@@ -663,8 +690,22 @@ func TestUpgrade(t *testing.T) {
 			t.Fatalf("upgrade %d: metrics address after the hand-off: %v", i+1, err)
 		}
 		st, err := a.admin.Status(ctx)
-		if err != nil || st.Connections.Active != n || st.Connections.Splice != n {
-			t.Fatalf("upgrade %d: status %+v %v, want %d splice connections", i+1, st.Connections, err, n)
+		onPlane := st.Connections.Splice
+		if plane == "sockmap" {
+			onPlane = st.Connections.Sockmap
+		}
+		if err != nil || st.Connections.Active != n || onPlane != n || st.Connections.Demoted != 0 {
+			t.Fatalf("upgrade %d: status %+v %v, want %d %s connections", i+1, st.Connections, err, n, plane)
+		}
+		if plane == "sockmap" {
+			// The same maps, every socket still in them.
+			got := agentSockhashes(t, newPID)
+			if got.ids != maps.ids {
+				t.Fatalf("upgrade %d: the new agent's sockhashes are %v, the first agent's %v: it did not take them over", i+1, got.ids, maps.ids)
+			}
+			if e := got.entries(t); e != [2]int{2 * n, 2 * n} {
+				t.Fatalf("upgrade %d: sockhash entries %v, want %d in each", i+1, e, 2*n)
+			}
 		}
 		fds, pipes := settledFDs(t, newPID)
 		counts = append(counts, fmt.Sprintf("%d+%d", fds, pipes))
@@ -672,7 +713,7 @@ func TestUpgrade(t *testing.T) {
 		if i%2 == 1 {
 			how = "SIGUSR2"
 		}
-		t.Logf("upgrade %2d (%s): pid %d → %d in %v (%d batches, a connection paused at most %.0fms, accepting paused %.0fms), new agent holds %d descriptors and %d of pipes",
+		t.Logf("upgrade %2d (%s): pid %d → %d in %v (%d batches, the longest from detach to adoption %.0fms, accepting paused %.0fms), new agent holds %d descriptors and %d of pipes",
 			i+1, how, pid, newPID, took.Round(time.Millisecond), res.Batches, res.MaxBatch*1000, res.AcceptPause*1000, fds, pipes)
 		if fds < base-slack || fds > base+slack || pipes > maxIdlePipeFDs {
 			t.Fatalf("upgrade %d: the new agent holds %d descriptors and %d of pipes, the first held %d and %d: a leak (%v, first %v)", i+1, fds, pipes, base, basePipes, fdKinds(newPID), baseKinds)
@@ -709,28 +750,105 @@ func TestUpgrade(t *testing.T) {
 	}
 	msgs := f.finish()
 	t.Logf("%d messages each way, every one checked at the backend and back at the client", msgs)
+	if plane == "sockmap" {
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			e := maps.entries(t)
+			if e == [2]int{} {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("sockhash entries %v after every connection closed", e)
+			}
+		}
+	}
 }
 
-// TestUpgradeRefusesSockmap: while connections are on the sockmap plane
-// the upgrade is refused with an error that says why, and nothing changes.
-func TestUpgradeRefusesSockmap(t *testing.T) {
-	testutil.RequirePrivileged(t)
-	a := startAgent(t, simpleConfig("sockmap", echoBackends(t, 1)...))
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c := dialWS(t, ctx, a.Addr("ws").String(), "/ws/", nil)
-	defer c.CloseNow()
-	_, err := a.Upgrade(ctx, "")
-	if !errors.Is(err, proxy.ErrCannotHandOff) || !strings.Contains(err.Error(), "1 on the sockmap data plane") {
-		t.Fatalf("upgrade with a sockmap connection: %v", err)
+// cpuTicks is pid's user+system time in clock ticks (10ms).
+func cpuTicks(pid int) int64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
 	}
-	t.Logf("refused: %v", err)
-	if a.Proxy.Active() != 1 {
-		t.Fatalf("%d connections after the refusal", a.Proxy.Active())
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
 	}
-	// Nothing was paused: new clients connect.
-	c2 := dialWS(t, ctx, a.Addr("ws").String(), "/ws/", nil)
-	c2.CloseNow()
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return u + st
+}
+
+func sumEchoes(xs []uint32) (n uint64) {
+	for _, x := range xs {
+		n += uint64(x)
+	}
+	return n
+}
+
+// sockhashes are an agent's two sockhash maps (verdict and target), by id.
+type sockhashes struct {
+	ids  [2]ebpf.MapID
+	maps [2]*ebpf.Map
+}
+
+// agentSockhashes finds the sockhash maps pid holds, from its descriptors'
+// fdinfo (map_type 18 is BPF_MAP_TYPE_SOCKHASH).
+func agentSockhashes(t *testing.T, pid int) sockhashes {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fdinfo", pid)
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []ebpf.MapID
+	seen := map[ebpf.MapID]bool{}
+	for _, e := range es {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil || !strings.Contains(string(b), "map_type:\t18\n") {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "map_id:\t"); ok {
+				id, _ := strconv.Atoi(v)
+				if !seen[ebpf.MapID(id)] {
+					seen[ebpf.MapID(id)] = true
+					ids = append(ids, ebpf.MapID(id))
+				}
+			}
+		}
+	}
+	if len(ids) != 2 {
+		t.Fatalf("agent %d holds %d sockhash maps (%v), want 2", pid, len(ids), ids)
+	}
+	slices.Sort(ids)
+	var s sockhashes
+	for i, id := range ids {
+		m, err := ebpf.NewMapFromID(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		s.ids[i], s.maps[i] = id, m
+	}
+	return s
+}
+
+// entries counts the sockets in each map.
+func (s sockhashes) entries(t *testing.T) (n [2]int) {
+	t.Helper()
+	for i, m := range s.maps {
+		var k, v uint64
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			n[i]++
+		}
+		if err := it.Err(); err != nil {
+			t.Fatalf("walking sockhash %d: %v", s.ids[i], err)
+		}
+	}
+	return n
 }
 
 // notifySocket is a stand-in for systemd's NOTIFY_SOCKET: it records each
