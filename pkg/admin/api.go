@@ -97,6 +97,9 @@ type UpgradeRequest struct {
 	// running agent's own executable path. Only root (or the agent's own
 	// user) may set it.
 	Binary string `json:"binary,omitempty"`
+	// Strict refuses the upgrade while connections that cannot move
+	// (TLS-terminated) are open, instead of leaving them to the old agent.
+	Strict bool `json:"strict,omitempty"`
 }
 
 // UpgradeResult is the answer to POST /v1/upgrade.
@@ -108,7 +111,11 @@ type UpgradeResult struct {
 	// Rejected connections stayed with the old agent, which serves them
 	// until they close or its drain deadline.
 	Rejected int `json:"rejected"`
-	Batches  int `json:"batches"`
+	// Stayed counts every connection left with the old agent when the
+	// new one took over: rejected ones, TLS-terminated ones (which cannot
+	// move) and any a handshake established during the hand-off.
+	Stayed  int `json:"stayed"`
+	Batches int `json:"batches"`
 	// MaxBatch is the longest any connection did not move (its batch's
 	// detach to adoption); AcceptPause how long new clients waited in the
 	// listen backlog.

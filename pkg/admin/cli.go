@@ -247,6 +247,7 @@ func reloadCmd() *cobra.Command {
 func upgradeCmd() *cobra.Command {
 	var binary string
 	var wait time.Duration
+	var strict bool
 	cmd := &cobra.Command{
 		Use:   "upgrade",
 		Short: "Replace the running agent with a new binary without dropping a connection",
@@ -257,13 +258,16 @@ tells systemd it is the main process, and the old one exits. If the new binary
 fails to start or to take over, the running agent keeps serving and this
 command says why. SIGUSR2 to the agent does the same without waiting.
 
-Connections on the sockmap data plane cannot move yet: the upgrade is refused
-while there are any.
+Connections move on both data planes: on sockmap the new agent takes over the
+running agent's BPF maps and the kernel keeps forwarding throughout. TLS-
+terminated connections cannot move (their session state is in the process):
+they stay with the old agent until they close or its drain_timeout; --strict
+refuses the upgrade while there are any.
 
   install -m 0755 ./wsplice /usr/local/bin/wsplice && wsplice upgrade`,
 		Args: cobra.NoArgs,
 		RunE: run(func(ctx context.Context, e *cliEnv, _ []string) error {
-			res, err := e.client.Upgrade(ctx, binary)
+			res, err := e.client.UpgradeWith(ctx, UpgradeRequest{Binary: binary, Strict: strict})
 			if err != nil {
 				return err
 			}
@@ -276,16 +280,17 @@ while there are any.
 				return WriteJSON(e.out, res)
 			}
 			sec := func(f float64) time.Duration { return time.Duration(f * float64(time.Second)).Round(time.Millisecond) }
-			fmt.Fprintf(e.out, "upgraded: pid %d → %d, %d listeners and %d connections handed over in %d batches (each connection paused at most %s, accepting paused %s), took %s\n",
+			fmt.Fprintf(e.out, "upgraded: pid %d → %d, %d listeners and %d connections handed over in %d batches (the longest batch %s, accepting paused %s), took %s\n",
 				res.OldPID, res.NewPID, res.Listeners, res.Connections, res.Batches, sec(res.MaxBatch), sec(res.AcceptPause), sec(res.Seconds))
-			if res.Rejected > 0 {
-				fmt.Fprintf(e.out, "%d connections were not taken by the new agent: the old one (pid %d) serves them until they close or its drain deadline\n", res.Rejected, res.OldPID)
+			if res.Stayed > 0 {
+				fmt.Fprintf(e.out, "%d connections stayed with the old agent (%d rejected by the new one, the others TLS-terminated or established during the hand-off): it (pid %d) serves them until they close or its drain deadline\n", res.Stayed, res.Rejected, res.OldPID)
 			}
 			return nil
 		}),
 	}
 	cmd.Flags().StringVar(&binary, "binary", "", "absolute path of the new binary (default: the running agent's own path)")
 	cmd.Flags().DurationVar(&wait, "wait", 30*time.Second, "how long to wait for the new agent to answer on the admin socket")
+	cmd.Flags().BoolVar(&strict, "strict", false, "refuse while TLS-terminated connections (which cannot move) are open, instead of leaving them to the old agent")
 	return cmd
 }
 

@@ -144,10 +144,15 @@ func (c *Client) LameDuck(ctx context.Context, on bool) error {
 // waits longer than other calls: the new agent loads its configuration
 // and data planes, and the connections move in batches.
 func (c *Client) Upgrade(ctx context.Context, binary string) (UpgradeResult, error) {
+	return c.UpgradeWith(ctx, UpgradeRequest{Binary: binary})
+}
+
+// UpgradeWith is Upgrade with every option of the request.
+func (c *Client) UpgradeWith(ctx context.Context, req UpgradeRequest) (UpgradeResult, error) {
 	var res UpgradeResult
 	hc := *c.hc
 	hc.Timeout = 5 * time.Minute
-	err := c.doWith(ctx, &hc, http.MethodPost, "/upgrade", UpgradeRequest{Binary: binary}, &res)
+	err := c.doWith(ctx, &hc, http.MethodPost, "/upgrade", req, &res)
 	return res, err
 }
 

@@ -181,7 +181,11 @@ func (t *target) Done() {
 // connection (package upgrade). It returns once the new process serves;
 // Run then releases the admin socket and metrics address to it and
 // returns nil. On error the agent keeps serving everything it had.
-func (a *Agent) Upgrade(ctx context.Context, binary string) (upgrade.Result, error) {
+//
+// Connections that cannot move (TLS-terminated) stay with this agent,
+// which serves them until they close or drain_timeout; with strict they
+// refuse the upgrade instead.
+func (a *Agent) Upgrade(ctx context.Context, binary string, strict bool) (upgrade.Result, error) {
 	if !a.up.mu.TryLock() {
 		return upgrade.Result{}, errors.New("an upgrade is already in progress")
 	}
@@ -195,8 +199,12 @@ func (a *Agent) Upgrade(ctx context.Context, binary string) (upgrade.Result, err
 	if err != nil {
 		return upgrade.Result{}, err
 	}
-	if err := a.Proxy.BeginHandoff(); err != nil {
+	stay, err := a.Proxy.BeginHandoff(strict)
+	if err != nil {
 		return upgrade.Result{}, err
+	}
+	if stay != "" {
+		a.log.Warn("upgrade: connections that cannot move stay with this agent until they close or drain_timeout", "connections", stay)
 	}
 	spec := upgrade.Spec{
 		Path: path, Args: os.Args[1:], Env: os.Environ(),
@@ -248,7 +256,7 @@ func (a *Agent) Upgrade(ctx context.Context, binary string) (upgrade.Result, err
 // upgradeOnSignal runs an upgrade for SIGUSR2 in the background.
 func (a *Agent) upgradeOnSignal() {
 	go func() {
-		if _, err := a.Upgrade(a.up.stop, ""); err != nil {
+		if _, err := a.Upgrade(a.up.stop, "", false); err != nil {
 			a.log.Error("SIGUSR2: upgrade not done", "err", err)
 		}
 	}()
@@ -398,7 +406,7 @@ func upgradeBinary(binary string) (string, error) {
 
 // Upgrade is the admin API's upgrade verb.
 func (h adminHandler) Upgrade(ctx context.Context, req admin.UpgradeRequest) (admin.UpgradeResult, error) {
-	r, err := h.a.Upgrade(ctx, req.Binary)
+	r, err := h.a.Upgrade(ctx, req.Binary, req.Strict)
 	if err != nil {
 		if errors.Is(err, proxy.ErrCannotHandOff) || errors.Is(err, fs.ErrNotExist) {
 			return admin.UpgradeResult{}, admin.Invalidf("%v", err)
@@ -406,6 +414,7 @@ func (h adminHandler) Upgrade(ctx context.Context, req admin.UpgradeRequest) (ad
 		return admin.UpgradeResult{}, err
 	}
 	return admin.UpgradeResult{
+		Stayed: h.a.Proxy.Active(),
 		OldPID: os.Getpid(), NewPID: r.PID, Listeners: r.Listeners, Connections: r.Conns, Rejected: r.Rejected,
 		Batches: r.Batches, MaxBatch: r.MaxBatch.Seconds(), AcceptPause: r.Pause.Seconds(), Seconds: r.Took.Seconds(),
 	}, nil

@@ -83,29 +83,33 @@ type handoffRecord struct {
 	State       json.RawMessage `json:"state"`
 }
 
-// BeginHandoff checks that every established connection can move to
-// another process and blocks reloads until ResumeHandoff. The error says
-// which connections cannot, and why; nothing changes then.
-func (s *Server) BeginHandoff() error {
+// BeginHandoff starts a hand-off and blocks reloads until ResumeHandoff
+// or CommitListeners. Connections on planes that cannot move them
+// (TLS-terminated ones: their session state lives in this process) stay
+// with this agent, which serves them until they close or its drain
+// deadline; stay describes them ("" if none). With strict they refuse the
+// hand-off instead (ErrCannotHandOff), and nothing changes.
+func (s *Server) BeginHandoff(strict bool) (stay string, err error) {
 	s.mu.Lock() // no Reload or Shutdown in between
 	defer s.mu.Unlock()
 	if s.draining.Load() {
-		return errors.New("the agent is draining")
+		return "", errors.New("the agent is draining")
 	}
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
 	if s.ho.active || s.ho.done {
-		return errors.New("an upgrade is already in progress")
+		return "", errors.New("an upgrade is already in progress")
 	}
-	if err := s.checkHandoff(); err != nil {
-		return err
+	stay = s.unmovable()
+	if stay != "" && strict {
+		return "", fmt.Errorf("%w: %s; the running agent keeps serving (without --strict they would stay with it until they close or its drain deadline)", ErrCannotHandOff, stay)
 	}
 	s.ho.active = true
-	return nil
+	return stay, nil
 }
 
-// checkHandoff names the connections on planes that cannot hand over.
-func (s *Server) checkHandoff() error {
+// unmovable describes the connections on planes that cannot hand over.
+func (s *Server) unmovable() string {
 	stuck := map[dataplane.Kind]int{}
 	for _, c := range s.table.snapshot() {
 		if _, ok := c.Plane.(dataplane.Handoff); !ok {
@@ -113,7 +117,7 @@ func (s *Server) checkHandoff() error {
 		}
 	}
 	if len(stuck) == 0 {
-		return nil
+		return ""
 	}
 	var parts []string
 	for k, n := range stuck {
@@ -125,11 +129,11 @@ func (s *Server) checkHandoff() error {
 		parts = append(parts, fmt.Sprintf("%d on the %s data plane (%s)", n, k, why))
 	}
 	sort.Strings(parts)
-	return fmt.Errorf("%w: %s; the running agent keeps serving — wait until they close, or run with dataplane: splice", ErrCannotHandOff, strings.Join(parts, ", "))
+	return strings.Join(parts, ", ")
 }
 
-// ErrCannotHandOff is returned (wrapped) by BeginHandoff and Detach when
-// a connection is on a data plane that cannot move it.
+// ErrCannotHandOff is returned (wrapped) by a strict BeginHandoff when a
+// connection is on a data plane that cannot move it.
 var ErrCannotHandOff = errors.New("upgrade refused: connections that cannot move to a new process")
 
 // handoffBusy is the reload guard (Reload).
