@@ -12,12 +12,13 @@ import (
 
 func newRunCmd() *cobra.Command {
 	var (
-		file   string
-		q      config.Quick
-		level  string
-		format string
-		access string
-		tune   string
+		file     string
+		q        config.Quick
+		level    string
+		format   string
+		access   string
+		tune     string
+		takeOver bool
 	)
 	cmd := &cobra.Command{
 		Use:   "run [-c FILE | --listen ADDR --backend ADDR...]",
@@ -27,7 +28,15 @@ func newRunCmd() *cobra.Command {
   wsplice run -c /etc/wsplice/wsplice.yaml
   wsplice run --listen :8080 --backend 10.0.0.1:8080 --backend 10.0.0.2:8080=3
 
-A backend flag takes an optional =WEIGHT or =backup.`,
+A backend flag takes an optional =WEIGHT or =backup.
+
+With --take-over, an agent already running on this host and listening on
+admin.takeover_socket hands this one its listening sockets and every
+established connection (both data planes; the kernel keeps forwarding), then
+waits, idle, to be stopped: the way the next pod of a DaemonSet update
+replaces the current one without dropping a connection. When no agent
+answers there, this one starts afresh. On one host without containers,
+'wsplice upgrade' does the same job.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var cfg *config.Config
@@ -69,7 +78,7 @@ A backend flag takes an optional =WEIGHT or =backup.`,
 				return withCode(exitConfig, err)
 			}
 			log := newLogger(cfg.Log)
-			return withCode(exitFailure, agent.Run(cmd.Context(), agent.Options{Config: cfg, ConfigPath: file, Logger: log}))
+			return withCode(exitFailure, agent.Run(cmd.Context(), agent.Options{Config: cfg, ConfigPath: file, Logger: log, TakeOver: takeOver}))
 		},
 	}
 	f := cmd.Flags()
@@ -86,6 +95,7 @@ A backend flag takes an optional =WEIGHT or =backup.`,
 	f.StringVar(&format, "log-format", "text", "log format: text or json")
 	f.StringVar(&access, "access-log", "", "access log: stdout, stderr or a file path (empty: off)")
 	f.StringVar(&tune, "tune", "check", "host tuning at start: off, check (warn) or apply")
+	f.BoolVar(&takeOver, "take-over", false, "take listeners and connections over from the agent on admin.takeover_socket, if one runs")
 	return cmd
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/wsplice/wsplice/pkg/proxy"
 	"github.com/wsplice/wsplice/pkg/sdnotify"
 	"github.com/wsplice/wsplice/pkg/tune"
+	"github.com/wsplice/wsplice/pkg/upgrade"
 )
 
 // Options are what the command line gives the agent besides the config.
@@ -31,6 +32,10 @@ type Options struct {
 	// OnClose, when set, is called for every closed connection after the
 	// access log line (tests).
 	OnClose func(*proxy.Conn, dataplane.Result)
+	// TakeOver: if an agent listens on admin.takeover_socket, take its
+	// listeners and connections over instead of starting afresh (the next
+	// pod of a DaemonSet update; see upgrade.go).
+	TakeOver bool
 }
 
 // Agent is one running wsplice.
@@ -59,7 +64,7 @@ func Run(ctx context.Context, opts Options) error {
 		log = slog.Default()
 	}
 	a := &Agent{cfg: cfg, log: log, path: opts.ConfigPath, onClose: opts.OnClose}
-	if err := a.initUpgrade(); err != nil { // (upgrade.go)
+	if err := a.initUpgrade(opts.TakeOver); err != nil { // (upgrade.go)
 		return err
 	}
 	if err := a.start(); err != nil {
@@ -87,7 +92,7 @@ wait:
 		case <-ctx.Done():
 			break wait
 		case <-a.up.committed:
-			return a.finishUpgrade() // a new process serves now (upgrade.go)
+			return a.finishUpgrade(ctx) // a new process serves now (upgrade.go)
 		case sig := <-hup:
 			if sig == syscall.SIGUSR2 {
 				a.upgradeOnSignal() // in the background (upgrade.go)
@@ -99,8 +104,9 @@ wait:
 		}
 	}
 
+	a.stopTakeover()       // a draining agent hands nothing over (upgrade.go)
 	if a.settleUpgrade() { // an upgrade committed while the stop came (upgrade.go)
-		return a.finishUpgrade()
+		return a.finishUpgrade(ctx)
 	}
 	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout.D())
 	defer cancel()
@@ -166,14 +172,22 @@ func (a *Agent) start() error {
 		return fmt.Errorf("health checks: %w", err)
 	}
 	if a.up.inherit != nil { // started by an upgrade: take over (upgrade.go)
-		return a.takeOver()
+		if err := a.takeOver(); err != nil {
+			return err
+		}
+		a.startTakeover()
+		return nil
 	}
 	// The admin socket comes before the listeners: a second agent started
 	// by mistake fails on it before SO_REUSEPORT gives it any traffic.
 	if err := a.startEndpoints(); err != nil {
 		return err
 	}
-	return srv.Start()
+	if err := srv.Start(); err != nil {
+		return err
+	}
+	a.startTakeover()
+	return nil
 }
 
 // tune checks or applies the host settings (cfg.Tune.Mode), raises
@@ -246,16 +260,14 @@ func (a *Agent) startSockmap() error {
 }
 
 // inheritedSockmap returns the running agent's sockmap objects when this
-// process was started by its upgrade with them (dataplane.EnvSockmap),
-// else nil. The variable is removed either way: a later upgrade's child
-// must not read descriptors that are not its own.
+// process takes over from it and it sent them (its hello), else nil.
 func (a *Agent) inheritedSockmap() *dataplane.InheritedSockmap {
-	v, ok := os.LookupEnv(dataplane.EnvSockmap)
-	os.Unsetenv(dataplane.EnvSockmap)
-	if !ok || a.up.inherit == nil {
+	objs := a.up.objects
+	a.up.objects = upgrade.Objects{}
+	if len(objs.Files) == 0 {
 		return nil
 	}
-	inh, err := dataplane.InheritSockmap(v)
+	inh, err := dataplane.InheritSockmap(objs.Meta, objs.Files)
 	if err != nil {
 		a.log.Warn("upgrade: the running agent's sockmap objects are unusable; its kernel-path connections stay with it until they close", "err", err)
 		return nil

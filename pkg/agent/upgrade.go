@@ -28,20 +28,51 @@ type upgradeState struct {
 	session   *upgrade.Session // of the committed upgrade
 	stop      context.Context  // ends when the agent stops: cancels an upgrade in progress
 	cancel    context.CancelFunc
-	inherit   *upgrade.Channel // set when this process was started by an upgrade
+	inherit   *upgrade.Channel // set when this process was started by an upgrade or takes over
+	objects   upgrade.Objects  // the old agent's kernel objects (its sockmap maps), from inherit
 	opts      upgrade.Options
+	// remote: the committed hand-off went to an agent that connected to
+	// the take-over socket (another container): this one stays, idle,
+	// until it is told to stop, or its container would be restarted.
+	remote bool
+	dialed bool // this agent connected to a running agent's take-over socket
+	tsMu   sync.Mutex
+	ts     *upgrade.TakeoverSocket // admin.takeover_socket, while listening
 }
 
 // initUpgrade prepares for upgrades and finds out whether this process is
-// the new agent of one (started with upgrade.EnvFD set).
-func (a *Agent) initUpgrade() error {
+// the new agent of one: started by an upgrade (upgrade.EnvFD set) or, with
+// takeOver, connected to a running agent's take-over socket. It then reads
+// the old agent's kernel objects, which the data planes need first.
+func (a *Agent) initUpgrade(takeOver bool) error {
 	a.up.committed = make(chan struct{})
 	a.up.stop, a.up.cancel = context.WithCancel(context.Background())
 	ch, err := upgrade.Inherited()
 	if err != nil {
 		return fmt.Errorf("started for an upgrade, but: %w", err)
 	}
+	if ch == nil && takeOver {
+		path := a.cfg.Admin.TakeoverSocket
+		if path == "" {
+			return errors.New("--take-over needs admin.takeover_socket in the configuration")
+		}
+		ch, err = upgrade.DialTakeover(path)
+		switch {
+		case errors.Is(err, upgrade.ErrNoAgent):
+			a.log.Info("take-over: no running agent; starting afresh", "socket", path)
+		case err != nil:
+			a.log.Warn("take-over: cannot reach the running agent; starting afresh beside it", "err", err)
+		default:
+			a.log.Info("take-over: taking over from the running agent", "socket", path, "pid", ch.PeerPID())
+			a.up.dialed = true
+		}
+	}
 	a.up.inherit = ch
+	if ch != nil {
+		// An error here reaches the old agent through Take (takeOver or
+		// upgradeStartFailed); the planes then start without the objects.
+		a.up.objects, _ = ch.Objects(30 * time.Second)
+	}
 	return nil
 }
 
@@ -167,6 +198,9 @@ func (t *target) Accept() {
 
 func (t *target) Done() {
 	a := t.a
+	if a.up.dialed {
+		return // from another container: systemd's main process is not in question
+	}
 	// Type=notify with NotifyAccess=all: this process becomes the main PID
 	// before the old one exits, so systemd does not take that exit for the
 	// service's (see deploy/systemd/wsplice.service).
@@ -186,6 +220,23 @@ func (t *target) Done() {
 // which serves them until they close or drain_timeout; with strict they
 // refuse the upgrade instead.
 func (a *Agent) Upgrade(ctx context.Context, binary string, strict bool) (upgrade.Result, error) {
+	path, err := upgradeBinary(binary)
+	if err != nil {
+		return upgrade.Result{}, err
+	}
+	return a.handOff(ctx, strict, false, func(ctx context.Context, src *source) (*upgrade.Session, error) {
+		a.log.Info("upgrade: starting the new agent", "binary", path, "connections", a.Proxy.Active())
+		return upgrade.Hand(ctx, upgrade.Spec{
+			Path: path, Args: os.Args[1:], Env: os.Environ(),
+			Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
+		}, src, a.up.opts)
+	})
+}
+
+// handOff runs one hand-off to a new agent (run: Hand for a process this
+// agent starts, HandConn for one that connected to the take-over socket).
+// On error this agent keeps serving everything it had.
+func (a *Agent) handOff(ctx context.Context, strict, remote bool, run func(context.Context, *source) (*upgrade.Session, error)) (upgrade.Result, error) {
 	if !a.up.mu.TryLock() {
 		return upgrade.Result{}, errors.New("an upgrade is already in progress")
 	}
@@ -195,10 +246,6 @@ func (a *Agent) Upgrade(ctx context.Context, binary string, strict bool) (upgrad
 		return upgrade.Result{}, errors.New("this agent has already handed over to a new process")
 	default:
 	}
-	path, err := upgradeBinary(binary)
-	if err != nil {
-		return upgrade.Result{}, err
-	}
 	stay, err := a.Proxy.BeginHandoff(strict)
 	if err != nil {
 		return upgrade.Result{}, err
@@ -206,44 +253,30 @@ func (a *Agent) Upgrade(ctx context.Context, binary string, strict bool) (upgrad
 	if stay != "" {
 		a.log.Warn("upgrade: connections that cannot move stay with this agent until they close or drain_timeout", "connections", stay)
 	}
-	spec := upgrade.Spec{
-		Path: path, Args: os.Args[1:], Env: os.Environ(),
-		Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr,
-	}
-	// The sockmap plane's maps and attachment go to the new process as
-	// inherited descriptors: its plane is built on them, so kernel-path
-	// connections move without their sockets leaving the maps.
-	var exported *dataplane.SockmapExport
-	if a.Sockmap != nil {
-		x, err := a.Sockmap.Export()
-		if err != nil {
-			_ = a.Proxy.ResumeHandoff(nil, nil)
-			return upgrade.Result{}, fmt.Errorf("upgrade: %w", err)
-		}
-		defer x.Close()
-		exported = x
-		spec.ExtraFiles = x.Files
-		spec.ExtraEnv = []string{x.Env(upgrade.FirstExtraFD)}
-	}
+	// The new agent listens on the take-over socket once it serves.
+	a.stopTakeover()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(a.up.stop, cancel)()
-	a.log.Info("upgrade: starting the new agent", "binary", path, "connections", a.Proxy.Active())
 	src := &source{a: a}
-	s, err := upgrade.Hand(ctx, spec, src, a.up.opts)
+	defer src.closeObjects()
+	s, err := run(ctx, src)
 	if err != nil {
 		if !src.resumed {
 			_ = a.Proxy.ResumeHandoff(nil, nil) // failed before anything moved
 		}
-		if exported != nil {
-			// The new process is gone (Hand waits for it): the activity
-			// ring is this plane's alone again.
+		if src.exported != nil {
+			// The new process is gone (Hand waits for it; a connected one
+			// gave up or was told to): the activity ring is this plane's
+			// alone again.
 			a.Sockmap.Unexport()
 		}
+		a.startTakeover()
 		a.log.Error("upgrade failed; this agent keeps serving", "err", err)
 		return upgrade.Result{}, err
 	}
 	a.up.session = s
+	a.up.remote = remote
 	close(a.up.committed)
 	r := s.Result
 	a.log.Info("upgrade: the new agent serves", "pid", r.PID, "listeners", r.Listeners, "connections", r.Conns,
@@ -251,6 +284,53 @@ func (a *Agent) Upgrade(ctx context.Context, binary string, strict bool) (upgrad
 		"detaching", r.Detaching.Round(time.Microsecond), "adopting", r.Adopting.Round(time.Microsecond),
 		"accept_pause", r.Pause.Round(time.Microsecond), "took", r.Took.Round(time.Microsecond))
 	return r, nil
+}
+
+// startTakeover listens on admin.takeover_socket, if configured, for a
+// new agent started with --take-over (the next pod of a DaemonSet
+// update), and hands everything to the first that connects.
+func (a *Agent) startTakeover() {
+	path := a.cfg.Admin.TakeoverSocket
+	if path == "" {
+		return
+	}
+	a.up.tsMu.Lock()
+	defer a.up.tsMu.Unlock()
+	if a.up.ts != nil {
+		return
+	}
+	ts, err := upgrade.ListenTakeover(path)
+	if err != nil {
+		a.log.Error("take-over socket not opened: a new agent cannot take over from this one", "err", err)
+		return
+	}
+	a.up.ts = ts
+	go func() {
+		for {
+			ch, err := ts.Accept()
+			if err != nil {
+				return // closed
+			}
+			a.log.Info("upgrade: a new agent asks to take over", "socket", path, "pid", ch.PeerPID())
+			if _, err := a.handOff(a.up.stop, false, true, func(ctx context.Context, src *source) (*upgrade.Session, error) {
+				return upgrade.HandConn(ctx, ch, src, a.up.opts)
+			}); err != nil {
+				ch.Close() // if the hand-off never started
+				a.log.Error("upgrade: take-over refused or failed", "err", err)
+			}
+		}
+	}()
+}
+
+// stopTakeover stops listening on the take-over socket (the file stays,
+// for the next agent to bind again).
+func (a *Agent) stopTakeover() {
+	a.up.tsMu.Lock()
+	defer a.up.tsMu.Unlock()
+	if a.up.ts != nil {
+		a.up.ts.Close()
+		a.up.ts = nil
+	}
 }
 
 // upgradeOnSignal runs an upgrade for SIGUSR2 in the background.
@@ -282,11 +362,20 @@ func (a *Agent) settleUpgrade() bool {
 // handshakes established after the pause are served until they close (at
 // most drain_timeout), then everything stops. No STOPPING=1: the unit is
 // not stopping, its main process changed.
-func (a *Agent) finishUpgrade() error {
+//
+// After a take-over by another container (remote), the agent first waits
+// for stop (SIGTERM: Kubernetes deletes the old pod once the new one is
+// ready), serving what stayed meanwhile: exiting at once would have the
+// kubelet restart its container.
+func (a *Agent) finishUpgrade(stop context.Context) error {
 	s := a.up.session
 	a.stopEndpoints()
 	if err := s.Released(); err != nil {
 		a.log.Warn("upgrade: telling the new agent the endpoints are free", "err", err)
+	}
+	if a.up.remote {
+		a.log.Info("upgrade: handed over to another container; serving what stayed until told to stop", "connections", a.Proxy.Active())
+		<-stop.Done()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.D())
 	defer cancel()
@@ -303,10 +392,11 @@ func (a *Agent) finishUpgrade() error {
 
 // source is the old agent's side of package upgrade.
 type source struct {
-	a       *Agent
-	ls      []proxy.ListenerFile
-	batch   map[*os.File]*proxy.Handed // by client socket, the batch in flight
-	resumed bool
+	a        *Agent
+	ls       []proxy.ListenerFile
+	batch    map[*os.File]*proxy.Handed // by client socket, the batch in flight
+	resumed  bool
+	exported *dataplane.SockmapExport // the sockmap objects sent, if any
 }
 
 func (s *source) Listeners() ([]upgrade.Listener, error) {
@@ -357,6 +447,27 @@ func (s *source) Handed(adopted, rejected []upgrade.Conn) error {
 	err := s.a.Proxy.Handed(s.handed(adopted), s.handed(rejected))
 	s.batch = nil
 	return err
+}
+
+// Objects exports the sockmap plane's maps and attachment: the new
+// agent builds its plane on them, so kernel-path connections move without
+// their sockets leaving the maps.
+func (s *source) Objects() (upgrade.Objects, error) {
+	if s.a.Sockmap == nil {
+		return upgrade.Objects{}, nil
+	}
+	x, err := s.a.Sockmap.Export()
+	if err != nil {
+		return upgrade.Objects{}, err
+	}
+	s.exported = x
+	return upgrade.Objects{Meta: x.Meta(), Files: x.Files}, nil
+}
+
+func (s *source) closeObjects() {
+	if s.exported != nil {
+		s.exported.Close()
+	}
 }
 
 func (s *source) Resume(conns []upgrade.Conn) error {

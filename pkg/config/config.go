@@ -179,6 +179,11 @@ type Admin struct {
 	// Socket is the Unix socket path (default /run/wsplice/admin.sock);
 	// "none" disables the admin API.
 	Socket string `yaml:"socket"`
+	// TakeoverSocket is where the agent waits for a new agent started with
+	// `wsplice run --take-over` to hand it everything (the next pod of a
+	// DaemonSet rolling update, in a directory both pods mount). Empty
+	// (the default) disables it; `wsplice upgrade` does not need it.
+	TakeoverSocket string `yaml:"takeover_socket"`
 }
 
 // Metrics is the Prometheus endpoint.

@@ -220,6 +220,12 @@ func (c *Config) Validate() error {
 			bad("metrics.address", "%q is also a data listener: metrics must never be reachable from data listeners, use another port", c.Metrics.Address)
 		}
 	}
+	if c.Admin.TakeoverSocket != "" && !strings.HasPrefix(c.Admin.TakeoverSocket, "/") {
+		bad("admin.takeover_socket", "%q must be an absolute path (or leave it out)", c.Admin.TakeoverSocket)
+	}
+	if c.Admin.TakeoverSocket != "" && c.Admin.TakeoverSocket == c.Admin.Socket {
+		bad("admin.takeover_socket", "%q is also admin.socket: give it a path of its own", c.Admin.TakeoverSocket)
+	}
 	if c.Admin.Socket != "" && !strings.HasPrefix(c.Admin.Socket, "/") {
 		bad("admin.socket", "%q must be an absolute path", c.Admin.Socket)
 	}

@@ -19,13 +19,14 @@ import (
 // loses skbs (fact 15). Instead the new agent takes over the maps
 // themselves:
 //
-//  1. Export, before the new binary starts: the old plane gives duplicates
-//     of its map descriptors and of the verdict attachment (the BPF link)
-//     to be inherited by the new process (exec, next to the hand-off
-//     socket; no bpffs pin, so nothing is left behind if either process
-//     dies), and stops reading the activity ring, which the new plane
-//     reads from its start (two readers of one ring would corrupt its
-//     consumer position): the old plane scans every smExportScan instead.
+//  1. Export, at the start of the hand-off: the old plane gives
+//     duplicates of its map descriptors and of the verdict attachment (the
+//     BPF link), which travel to the new process with SCM_RIGHTS ahead of
+//     everything else (no bpffs pin, so nothing is left behind if either
+//     process dies, and nothing to mount in a container), and stops
+//     reading the activity ring, which the new plane reads from its start
+//     (two readers of one ring would corrupt its consumer position): the
+//     old plane scans every smExportScan instead.
 //  2. The new agent's NewSockmap with Inherit uses those maps and the
 //     attachment as they are (it loads only its own demotion iterator),
 //     so the program keeps redirecting every socket throughout.
@@ -61,10 +62,6 @@ const smHandoffABI = 1
 // activity, since it no longer reads the activity ring.
 const smExportScan = 50 * time.Millisecond
 
-// EnvSockmap names the environment variable that tells a new agent which
-// inherited descriptors are the old agent's sockmap objects.
-const EnvSockmap = "WSPLICE_UPGRADE_SOCKMAP"
-
 // smObjects are the exported objects, in order. The last one is the
 // verdict attachment: "verdict_link" (a BPF link) or "verdict_prog" (the
 // program, attached with the legacy PROG_ATTACH, kernels before 6.10).
@@ -73,36 +70,29 @@ var smObjects = []string{
 	sockmapMapDemote, sockmapMapEvents, sockmapMapTotals,
 }
 
-// smExportMeta describes exported objects; it travels in EnvSockmap.
+// smExportMeta describes exported objects (SockmapExport.Meta).
 type smExportMeta struct {
 	ABI       int      `json:"abi"`
 	Step      uint64   `json:"step"`
 	RawAttach bool     `json:"raw_attach,omitempty"`
 	Objects   []string `json:"objects"`
-	FDs       []int    `json:"fds,omitempty"` // in the new process
 }
 
 // SockmapExport is a plane's BPF objects on their way to a new agent
-// process: pass Files to it (exec.Cmd.ExtraFiles) and Env(first fd) in
-// its environment. The caller closes Files once the process started.
+// process: send Files (SCM_RIGHTS) and Meta; the new process passes both
+// to InheritSockmap. The caller closes Files once they are sent.
 type SockmapExport struct {
 	Files []*os.File
 	meta  smExportMeta
 }
 
-// Env returns the EnvSockmap entry ("NAME=value") for a process that
-// receives Files as consecutive descriptors from first on.
-func (e *SockmapExport) Env(first int) string {
-	m := e.meta
-	m.FDs = make([]int, len(e.Files))
-	for i := range m.FDs {
-		m.FDs[i] = first + i
-	}
-	b, _ := json.Marshal(m) // plain types: cannot fail
-	return EnvSockmap + "=" + string(b)
+// Meta describes Files for InheritSockmap.
+func (e *SockmapExport) Meta() json.RawMessage {
+	b, _ := json.Marshal(e.meta) // plain types: cannot fail
+	return b
 }
 
-// Close closes the files (the process that inherited them has its own).
+// Close closes the files (the process that received them has its own).
 func (e *SockmapExport) Close() {
 	for _, f := range e.Files {
 		f.Close()
@@ -201,16 +191,29 @@ func (h *InheritedSockmap) Close() {
 	h.prog.Close()
 }
 
-// InheritSockmap reads the EnvSockmap value a new agent process was
-// started with and takes over the descriptors it names (close-on-exec
-// from here on). An error says why they cannot be used; the descriptors
-// named are closed then. Objects of another hand-off ABI are refused.
-func InheritSockmap(value string) (*InheritedSockmap, error) {
-	var m smExportMeta
-	if err := json.Unmarshal([]byte(value), &m); err != nil {
-		return nil, fmt.Errorf("sockmap: inherited objects: %s: %w", EnvSockmap, err)
+// InheritSockmap takes over a running agent's exported objects, received
+// in a hand-off: meta is SockmapExport.Meta, files its Files (owned from
+// here on, closed on error). An error says why they cannot be used;
+// objects of another hand-off ABI are refused.
+func InheritSockmap(meta json.RawMessage, files []*os.File) (*InheritedSockmap, error) {
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = -1
+		if fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 3); err == nil {
+			fds[i] = fd
+		}
+		f.Close()
 	}
-	return inheritSockmap(m, m.FDs)
+	var m smExportMeta
+	if err := json.Unmarshal(meta, &m); err != nil {
+		for _, fd := range fds {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+		}
+		return nil, fmt.Errorf("sockmap: inherited objects: description: %w", err)
+	}
+	return inheritSockmap(m, fds)
 }
 
 // inheritSockmap wraps fds (owned from here on) as the objects m names.
@@ -238,7 +241,7 @@ func inheritSockmap(m smExportMeta, fds []int) (_ *InheritedSockmap, err error) 
 	}
 	for _, fd := range fds {
 		if fd < 3 {
-			return nil, fmt.Errorf("descriptor %d is not an inherited one", fd)
+			return nil, fmt.Errorf("descriptor %d is not a received one", fd)
 		}
 	}
 	for i, fd := range fds {

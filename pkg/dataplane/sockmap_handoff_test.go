@@ -325,7 +325,7 @@ func TestSockmapAdoptNeedsTheMaps(t *testing.T) {
 // wrong object list is refused with the reason, and the descriptors are
 // closed.
 func TestInheritSockmapRefuses(t *testing.T) {
-	if _, err := InheritSockmap("{"); err == nil || !strings.Contains(err.Error(), EnvSockmap) {
+	if _, err := InheritSockmap(json.RawMessage("{"), nil); err == nil || !strings.Contains(err.Error(), "description") {
 		t.Fatalf("bad JSON: %v", err)
 	}
 	pipeFDs := func() []int {

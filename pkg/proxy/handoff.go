@@ -38,6 +38,7 @@ type handoffState struct {
 	isOpened  bool
 	orphans   map[string]*balance.Pool // backends of adopted connections that are in no pool
 	queue     []*Conn                  // old agent: connections to detach next (candidates)
+	rejected  map[uint64]bool          // old agent: refused by the new one, not offered again
 }
 
 // ListenerFile is a listening socket in a hand-off: the listener's name,
@@ -270,7 +271,7 @@ func (s *Server) detach(n int) (out []*Handed, tried int, err error) {
 // first, from a queue filled from the table when it runs dry (one sorted
 // snapshot per pass over the table, not one per batch). Connections that
 // closed meanwhile are skipped; a closing one left behind comes round
-// again in the next pass.
+// again in the next pass; one the new agent rejected never does.
 func (s *Server) candidates(n int) []*Conn {
 	s.ho.mu.Lock()
 	defer s.ho.mu.Unlock()
@@ -281,7 +282,7 @@ func (s *Server) candidates(n int) []*Conn {
 				break // finish this batch before the next pass
 			}
 			for _, c := range s.table.snapshot() {
-				if _, ok := c.Plane.(dataplane.Handoff); ok {
+				if _, ok := c.Plane.(dataplane.Handoff); ok && !s.ho.rejected[c.ID] {
 					s.ho.queue = append(s.ho.queue, c)
 				}
 			}
@@ -291,7 +292,7 @@ func (s *Server) candidates(n int) []*Conn {
 		}
 		c := s.ho.queue[0]
 		s.ho.queue = s.ho.queue[1:]
-		if s.table.get(c.ID) == c {
+		if s.table.get(c.ID) == c && !s.ho.rejected[c.ID] {
 			out = append(out, c)
 		}
 	}
@@ -310,6 +311,16 @@ func (s *Server) Handed(adopted, rejected []*Handed) error {
 		h.Backend.Close()
 	}
 	var errs []error
+	if len(rejected) > 0 {
+		s.ho.mu.Lock()
+		if s.ho.rejected == nil {
+			s.ho.rejected = map[uint64]bool{}
+		}
+		for _, h := range rejected {
+			s.ho.rejected[h.conn.ID] = true
+		}
+		s.ho.mu.Unlock()
+	}
 	for _, h := range rejected {
 		if err := s.reattach(h); err != nil {
 			errs = append(errs, fmt.Errorf("connection %d: %w", h.conn.ID, err))
@@ -354,7 +365,7 @@ func (s *Server) ResumeHandoff(ls []ListenerFile, hs []*Handed) error {
 	}
 	s.mu.Unlock()
 	s.ho.mu.Lock()
-	s.ho.active, s.ho.queue = false, nil
+	s.ho.active, s.ho.queue, s.ho.rejected = false, nil, nil
 	s.ho.mu.Unlock()
 	return errors.Join(errs...)
 }
@@ -397,7 +408,7 @@ func (s *Server) CommitListeners(ls []ListenerFile) {
 	}
 	s.mu.Unlock()
 	s.ho.mu.Lock()
-	s.ho.active, s.ho.done, s.ho.queue = false, true, nil
+	s.ho.active, s.ho.done, s.ho.queue, s.ho.rejected = false, true, nil, nil
 	s.ho.mu.Unlock()
 }
 

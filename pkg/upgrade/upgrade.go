@@ -54,6 +54,8 @@ import (
 	"os/exec"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // EnvFD names the environment variable that tells a new agent process the
@@ -79,6 +81,21 @@ type Conn struct {
 	Record  json.RawMessage
 	Client  *os.File
 	Backend *os.File
+}
+
+// Objects are kernel objects a new agent needs before it builds its data
+// planes (the sockmap plane's maps): Meta is the data plane's own
+// description, Files the descriptors, in its order.
+type Objects struct {
+	Meta  json.RawMessage
+	Files []*os.File
+}
+
+// ObjectSource is a Source with kernel objects to hand over. Hand calls
+// Objects once, before sending the listeners; the files stay the
+// Source's. On a failed upgrade the Source takes them back in Resume.
+type ObjectSource interface {
+	Objects() (Objects, error)
 }
 
 // Source is the running (old) agent's side. Files it returns stay its own:
@@ -161,17 +178,7 @@ type Spec struct {
 	Env  []string // environment; EnvFD is added, WATCHDOG_PID removed
 	// Stdin, Stdout and Stderr are passed as they are (nil: /dev/null).
 	Stdin, Stdout, Stderr *os.File
-	// ExtraFiles are inherited by the new process as descriptors
-	// FirstExtraFD, FirstExtraFD+1, … (the data planes' kernel objects);
-	// ExtraEnv, added to Env, tells it which is which. The caller keeps
-	// and closes them.
-	ExtraFiles []*os.File
-	ExtraEnv   []string
 }
-
-// FirstExtraFD is the descriptor number of Spec.ExtraFiles[0] in the new
-// process (after stdio and the hand-off socket).
-const FirstExtraFD = 4
 
 // Result describes a committed upgrade.
 type Result struct {
@@ -236,8 +243,7 @@ func Hand(ctx context.Context, spec Spec, src Source, opts Options) (*Session, e
 	}
 	cmd := exec.Command(spec.Path, spec.Args...)
 	cmd.Env = append(childEnv(spec.Env), fmt.Sprintf("%s=%d", EnvFD, 3))
-	cmd.Env = append(cmd.Env, spec.ExtraEnv...)
-	cmd.ExtraFiles = append([]*os.File{childEnd}, spec.ExtraFiles...)
+	cmd.ExtraFiles = []*os.File{childEnd}
 	if spec.Stdin != nil {
 		cmd.Stdin = spec.Stdin
 	}
@@ -253,13 +259,35 @@ func Hand(ctx context.Context, spec Spec, src Source, opts Options) (*Session, e
 		ch.Close()
 		return nil, fmt.Errorf("upgrade: starting %s: %w", spec.Path, err)
 	}
-	h := &hand{ctx: ctx, ch: ch, cmd: cmd, src: src, opts: opts, exited: make(chan struct{})}
+	p := &peer{pid: cmd.Process.Pid, exited: make(chan struct{})}
+	p.kill = func() {
+		_ = cmd.Process.Kill()
+		<-p.exited
+	}
 	// Reaps the child if it dies during the hand-off. After a commit the
 	// child outlives this process and this goroutine with it.
 	go func() {
-		h.waitErr = cmd.Wait()
-		close(h.exited)
+		p.waitErr = cmd.Wait()
+		close(p.exited)
 	}()
+	return handOver(ctx, t0, ch, p, src, opts)
+}
+
+// HandConn runs the upgrade, like Hand, to a new agent that connected to
+// this one's take-over socket (Listener) instead of being started by it:
+// another container on the same host, started with --take-over. This
+// agent cannot wait for that process nor stop it, so where Hand would
+// kill the child before taking back a batch in flight whose answer never
+// came, HandConn ends those connections instead (shutdown both ways): the
+// other process may have adopted them, and two agents must never move
+// bytes of one connection. ch is closed in every case.
+func HandConn(ctx context.Context, ch *Channel, src Source, opts Options) (*Session, error) {
+	opts = opts.withDefaults()
+	return handOver(ctx, time.Now(), ch, &peer{pid: ch.PeerPID()}, src, opts)
+}
+
+func handOver(ctx context.Context, t0 time.Time, ch *Channel, p *peer, src Source, opts Options) (*Session, error) {
+	h := &hand{ctx: ctx, ch: ch, peer: p, src: src, opts: opts}
 	h.stopCancel = context.AfterFunc(ctx, func() { ch.c.SetReadDeadline(time.Unix(1, 0)) })
 	defer h.stopCancel()
 	res, err := h.run()
@@ -270,24 +298,35 @@ func Hand(ctx context.Context, spec Spec, src Source, opts Options) (*Session, e
 	return &Session{ch: ch, Result: res}, nil
 }
 
+// peer is the new agent's process: a child this agent started (Hand),
+// which it can wait for and kill, or one that connected to its take-over
+// socket (HandConn), which it can only tell to stop.
+type peer struct {
+	pid     int           // 0 if unknown (another PID namespace)
+	exited  chan struct{} // closed once it exited; nil: cannot tell
+	waitErr error
+	kill    func() // stops it for good and waits; nil: cannot
+}
+
 // hand is one upgrade in progress on the old agent's side.
 type hand struct {
-	ctx     context.Context
-	ch      *Channel
-	cmd     *exec.Cmd
-	src     Source
-	opts    Options
-	exited  chan struct{}
-	waitErr error
+	ctx  context.Context
+	ch   *Channel
+	peer *peer
+	src  Source
+	opts Options
 	// stopCancel ends ctx's hold on the hand-off (at the commit point).
 	stopCancel func() bool
 	committed  bool // the new agent has adopted a batch: no way back for those
 	handed     int
+	// peerGone: the new agent said it gave up, or closed the socket: it
+	// adopts nothing more.
+	peerGone bool
 }
 
 func (h *hand) run() (Result, error) {
 	var res Result
-	res.PID = h.cmd.Process.Pid
+	res.PID = h.peer.pid
 	ls, err := h.src.Listeners()
 	if err != nil {
 		return res, h.abort("collecting the listening sockets", err, nil)
@@ -297,6 +336,16 @@ func (h *hand) run() (Result, error) {
 	for i, l := range ls {
 		hello.Listeners = append(hello.Listeners, listenerInfo{Name: l.Name, Address: l.Address})
 		files[i] = l.File
+	}
+	if osrc, ok := h.src.(ObjectSource); ok {
+		objs, err := osrc.Objects()
+		if err != nil {
+			return res, h.abort("collecting the data planes' kernel objects", err, nil)
+		}
+		if len(objs.Files) > 0 || len(objs.Meta) > 0 {
+			hello.Objects, hello.ObjectFiles = objs.Meta, len(objs.Files)
+			files = append(files, objs.Files...)
+		}
 	}
 	res.Listeners = len(ls)
 	if err := h.ch.send(hello, files); err != nil {
@@ -405,10 +454,12 @@ func (h *hand) expect(want string, within time.Duration) (*message, error) {
 	case err != nil && h.ctx.Err() != nil:
 		return nil, fmt.Errorf("cancelled: %w", context.Cause(h.ctx))
 	case isClosed(err):
+		h.peerGone = true
 		return nil, h.exitError()
 	case err != nil:
 		return nil, err
 	case m.Type == msgError:
+		h.peerGone = true
 		return nil, fmt.Errorf("the new agent failed: %s", m.Error)
 	case m.Type != want:
 		return nil, fmt.Errorf("protocol: got %q, want %q", m.Type, want)
@@ -419,6 +470,7 @@ func (h *hand) expect(want string, within time.Duration) (*message, error) {
 // sendErr explains a failed send: most likely the child exited.
 func (h *hand) sendErr(err error) error {
 	if isClosed(err) {
+		h.peerGone = true
 		return h.exitError()
 	}
 	return err
@@ -426,10 +478,13 @@ func (h *hand) sendErr(err error) error {
 
 // exitError describes the child's early exit.
 func (h *hand) exitError() error {
+	if h.peer.exited == nil {
+		return errClosed
+	}
 	select {
-	case <-h.exited:
-		if h.waitErr != nil {
-			return fmt.Errorf("the new agent exited: %w", h.waitErr)
+	case <-h.peer.exited:
+		if h.peer.waitErr != nil {
+			return fmt.Errorf("the new agent exited: %w", h.peer.waitErr)
 		}
 		return errors.New("the new agent exited with status 0")
 	case <-time.After(h.opts.Grace):
@@ -444,18 +499,34 @@ func (h *hand) abort(step string, cause error, conns []Conn) error {
 	_ = h.ch.c.SetWriteDeadline(time.Now().Add(time.Second))
 	_ = h.ch.send(&message{Type: msgAbort, Error: cause.Error()}, nil)
 	h.ch.Close()
-	if h.committed {
-		h.kill()
-	} else {
-		select {
-		case <-h.exited:
-		case <-time.After(h.opts.Grace):
-			h.kill()
-		}
-	}
 	err := fmt.Errorf("upgrade failed %s: %w", step, cause)
-	if h.committed {
-		err = fmt.Errorf("%w; the new agent (pid %d) was stopped: the %d connections it had adopted were lost with it, this agent serves everything else on (bytes the new agent had read and not written for the batch in flight, if any, are lost)", err, h.cmd.Process.Pid, h.handed)
+	if h.peer.kill == nil {
+		// A process this agent did not start: it cannot be stopped, so a
+		// batch in flight it may have adopted is ended, not taken back.
+		if len(conns) > 0 && !h.peerGone {
+			endConns(conns)
+			if herr := h.src.Handed(conns, nil); herr != nil {
+				err = errors.Join(err, herr)
+			}
+			err = fmt.Errorf("%w; the %d connections of the batch in flight were closed (the new agent may have adopted them)", err, len(conns))
+			conns = nil
+		}
+		if h.committed {
+			err = fmt.Errorf("%w; the new agent keeps the %d connections it had adopted and listens too, this agent serves everything else on", err, h.handed)
+		}
+	} else {
+		if h.committed {
+			h.peer.kill()
+		} else {
+			select {
+			case <-h.peer.exited:
+			case <-time.After(h.opts.Grace):
+				h.peer.kill()
+			}
+		}
+		if h.committed {
+			err = fmt.Errorf("%w; the new agent (pid %d) was stopped: the %d connections it had adopted were lost with it, this agent serves everything else on (bytes the new agent had read and not written for the batch in flight, if any, are lost)", err, h.peer.pid, h.handed)
+		}
 	}
 	if rerr := h.src.Resume(conns); rerr != nil {
 		return errors.Join(err, fmt.Errorf("resuming: %w", rerr))
@@ -463,20 +534,24 @@ func (h *hand) abort(step string, cause error, conns []Conn) error {
 	return err
 }
 
-// kill stops the child for good and waits until it is gone, so that it
-// can no longer touch a socket this agent takes back.
-func (h *hand) kill() {
-	_ = h.cmd.Process.Kill()
-	<-h.exited
+// endConns shuts down both sockets of each connection, both ways: the
+// connection ends for whichever process holds it (its peers see FIN).
+func endConns(conns []Conn) {
+	for _, c := range conns {
+		for _, f := range []*os.File{c.Client, c.Backend} {
+			if rc, err := f.SyscallConn(); err == nil {
+				_ = rc.Control(func(fd uintptr) { _ = unix.Shutdown(int(fd), unix.SHUT_RDWR) })
+			}
+		}
+	}
 }
 
-// childEnv is env without the hand-off variables (WSPLICE_UPGRADE_*: a
-// process started by an upgrade may still have its own) and WATCHDOG_PID
-// (the old process's; the watchdog belongs to whichever is the main PID).
+// childEnv is env without the hand-off variable and WATCHDOG_PID (the
+// old process's; the watchdog belongs to whichever is the main PID).
 func childEnv(env []string) []string {
 	out := make([]string, 0, len(env)+1)
 	for _, kv := range env {
-		if strings.HasPrefix(kv, "WSPLICE_UPGRADE_") || strings.HasPrefix(kv, "WATCHDOG_PID=") {
+		if strings.HasPrefix(kv, EnvFD+"=") || strings.HasPrefix(kv, "WATCHDOG_PID=") {
 			continue
 		}
 		out = append(out, kv)
@@ -501,18 +576,8 @@ func Take(ctx context.Context, ch *Channel, t Target, opts Options) (*Session, e
 		ch.Close()
 		return nil, fmt.Errorf("upgrade: %s: %w", step, err)
 	}
-	m, files, err := ch.recv(time.Now().Add(opts.Step))
-	if err == nil && m.Type != msgHello {
-		err = fmt.Errorf("protocol: got %q, want %q", m.Type, msgHello)
-	}
-	if err == nil && (m.Version < 1 || m.Version > ProtocolVersion) {
-		err = fmt.Errorf("the running agent speaks hand-off version %d, this binary %d or older: it cannot take over from a newer agent", m.Version, ProtocolVersion)
-	}
-	if err == nil && len(files) != len(m.Listeners) {
-		err = fmt.Errorf("protocol: %d listeners with %d descriptors", len(m.Listeners), len(files))
-	}
+	m, files, err := ch.readHello(opts.Step, false)
 	if err != nil {
-		closeFiles(files)
 		return fail("receiving the listeners", err)
 	}
 	ls := make([]Listener, len(files))

@@ -48,6 +48,10 @@ type message struct {
 	Rejected []int `json:"rejected,omitempty"`
 	// Meta is the Source's word to the Target after Pause (first batch, or end).
 	Meta json.RawMessage `json:"meta,omitempty"`
+	// Objects describe the descriptors that follow the listeners' in
+	// hello: the data planes' kernel objects (ObjectSource), opaque here.
+	Objects     json.RawMessage `json:"objects,omitempty"`
+	ObjectFiles int             `json:"object_files,omitempty"`
 }
 
 type listenerInfo struct {
@@ -74,6 +78,10 @@ type Channel struct {
 	c   *net.UnixConn
 	buf []byte
 	oob []byte
+	// The hello, once Objects has read it (Take uses it then).
+	hello      *message
+	helloFiles []*os.File
+	helloErr   error
 }
 
 // socketpair returns a Channel and the other end as a file for the child
@@ -134,6 +142,145 @@ func Inherited() (*Channel, error) {
 
 // Close closes the channel; the peer reads EOF.
 func (ch *Channel) Close() error { return ch.c.Close() }
+
+// PeerPID is the other agent's process id as this process sees it
+// (SO_PEERCRED), 0 if it is in another PID namespace or unknown.
+func (ch *Channel) PeerPID() int {
+	rc, err := ch.c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var cred *unix.Ucred
+	_ = rc.Control(func(fd uintptr) { cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+	if cred == nil {
+		return 0
+	}
+	return int(cred.Pid)
+}
+
+// Objects reads the old agent's hello early, before Take, and returns the
+// data planes' kernel objects it carries (see ObjectSource): the new
+// agent needs them to build its planes, which Take's Target uses. The
+// files are the caller's. Take then goes on from the same hello; an error
+// here is reported to the old agent by Take (call it with a Target that
+// fails), and Objects returns it too.
+func (ch *Channel) Objects(timeout time.Duration) (Objects, error) {
+	m, files, err := ch.readHello(timeout, true)
+	if err != nil {
+		return Objects{}, err
+	}
+	n := len(m.Listeners)
+	objs := Objects{Meta: m.Objects, Files: files[n:]}
+	ch.helloFiles = files[:n:n]
+	return objs, nil
+}
+
+// readHello returns the hello (once: the first call reads it, later calls
+// get what it got, but only the listener descriptors). It checks the
+// version and that the descriptors add up. Without objects, the objects'
+// descriptors are closed.
+func (ch *Channel) readHello(timeout time.Duration, objects bool) (*message, []*os.File, error) {
+	if ch.hello != nil || ch.helloErr != nil {
+		files := ch.helloFiles
+		ch.helloFiles = nil
+		return ch.hello, files, ch.helloErr
+	}
+	m, files, err := ch.recv(time.Now().Add(timeout))
+	if err == nil && m.Type != msgHello {
+		err = fmt.Errorf("protocol: got %q, want %q", m.Type, msgHello)
+	}
+	if err == nil && (m.Version < 1 || m.Version > ProtocolVersion) {
+		err = fmt.Errorf("the running agent speaks hand-off version %d, this binary %d or older: it cannot take over from a newer agent", m.Version, ProtocolVersion)
+	}
+	if err == nil && (m.ObjectFiles < 0 || len(files) != len(m.Listeners)+m.ObjectFiles) {
+		err = fmt.Errorf("protocol: %d listeners and %d objects with %d descriptors", len(m.Listeners), m.ObjectFiles, len(files))
+	}
+	if err != nil {
+		closeFiles(files)
+		ch.helloErr = err
+		return nil, nil, err
+	}
+	ch.hello = m
+	ch.helloFiles = nil
+	if m.ObjectFiles > 0 && !objects {
+		closeFiles(files[len(m.Listeners):])
+		files = files[:len(m.Listeners)]
+	}
+	return m, files, nil
+}
+
+// TakeoverSocket is where a running agent waits for a new agent started
+// with --take-over (another container on the host, such as the next pod
+// of a DaemonSet update) that asks to be handed everything (HandConn).
+type TakeoverSocket struct {
+	ln *net.UnixListener
+}
+
+// ListenTakeover listens on path (a SOCK_SEQPACKET Unix socket, mode
+// 0600), replacing a stale socket file left there. Closing it does not
+// remove the file, which the next agent may already have bound again.
+func ListenTakeover(path string) (*TakeoverSocket, error) {
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("take-over socket %s: exists and is not a socket", path)
+		}
+		if c, err := net.Dial("unixpacket", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("take-over socket %s: another agent listens there", path)
+		}
+		_ = os.Remove(path)
+	}
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("take-over socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("take-over socket: %w", err)
+	}
+	return &TakeoverSocket{ln: ln}, nil
+}
+
+// Accept waits for a new agent. Only root and this process's own user
+// may take over (SO_PEERCRED); others are refused and Accept waits on.
+func (t *TakeoverSocket) Accept() (*Channel, error) {
+	for {
+		c, err := t.ln.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		rc, err := c.SyscallConn()
+		var cred *unix.Ucred
+		if err == nil {
+			_ = rc.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+		}
+		if err != nil || cred == nil || (cred.Uid != 0 && int(cred.Uid) != os.Geteuid()) {
+			c.Close()
+			continue
+		}
+		return &Channel{c: c, buf: make([]byte, frameSize+1), oob: make([]byte, unix.CmsgSpace(MaxFDs*4))}, nil
+	}
+}
+
+// Close stops listening (the socket file stays).
+func (t *TakeoverSocket) Close() error { return t.ln.Close() }
+
+// ErrNoAgent is returned (wrapped) by DialTakeover when no agent listens.
+var ErrNoAgent = errors.New("no running agent to take over from")
+
+// DialTakeover connects to a running agent's take-over socket. The
+// channel then goes to Objects and Take, as Inherited's does.
+func DialTakeover(path string) (*Channel, error) {
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("%w (%s): %v", ErrNoAgent, path, err)
+		}
+		return nil, fmt.Errorf("take-over socket %s: %w", path, err)
+	}
+	return &Channel{c: c, buf: make([]byte, frameSize+1), oob: make([]byte, unix.CmsgSpace(MaxFDs*4))}, nil
+}
 
 // send writes m with files attached to its first frame. The descriptors
 // are taken with SyscallConn().Control, never Fd(): Fd would switch the
