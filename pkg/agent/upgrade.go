@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"sync"
@@ -379,8 +380,26 @@ func (a *Agent) finishUpgrade(stop context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.D())
 	defer cancel()
+	// A signal after the one that stopped the agent (or, when none did,
+	// after the first) closes everything at once, as in Run's drain.
+	go func() {
+		select {
+		case <-stop.Done():
+		case <-ctx.Done():
+			return
+		}
+		again := make(chan os.Signal, 1)
+		signal.Notify(again, os.Interrupt, syscall.SIGTERM)
+		defer signal.Stop(again)
+		select {
+		case <-again:
+			a.log.Warn("second signal: closing every connection now")
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	if n := a.Proxy.Active(); n > 0 {
-		a.log.Info("upgrade: serving connections established during the hand-off until they close", "connections", n)
+		a.log.Info("upgrade: serving the connections that stayed (TLS-terminated, rejected by the new agent or established during the hand-off) until they close or drain_timeout", "connections", n)
 	}
 	a.Proxy.Shutdown(ctx, min(a.cfg.DrainTimeout.D()/10, 5*time.Second))
 	a.Health.Stop()

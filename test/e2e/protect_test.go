@@ -47,7 +47,7 @@ func runChildAgent(js string) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { io.Copy(io.Discard, os.Stdin); cancel() }() // parent gone or done: stop
-	err := agent.Run(ctx, agent.Options{Config: &cfg, Ready: func(a *agent.Agent) {
+	err := agent.Run(ctx, agent.Options{Config: &cfg, TakeOver: os.Getenv("WSPLICE_E2E_TAKEOVER") == "1", Ready: func(a *agent.Agent) {
 		fmt.Printf("LISTEN %s\n", a.Addr("ws"))
 	}})
 	if err != nil {

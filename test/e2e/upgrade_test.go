@@ -59,7 +59,7 @@ type childAgent struct {
 	addr   string
 }
 
-func startChildAgent(t *testing.T, cfg *config.Config) *childAgent {
+func startChildAgent(t *testing.T, cfg *config.Config, env ...string) *childAgent {
 	t.Helper()
 	dir := t.TempDir()
 	cfg.Admin.Socket = filepath.Join(dir, "admin.sock")
@@ -77,7 +77,7 @@ func startChildAgent(t *testing.T, cfg *config.Config) *childAgent {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "WSPLICE_E2E_AGENT="+string(js))
+	cmd.Env = append(append(os.Environ(), "WSPLICE_E2E_AGENT="+string(js)), env...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errF
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
