@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wsplice/wsplice/test/testutil"
 )
 
 // TestTakeOver is a DaemonSet rolling update on one node, three times: a
@@ -23,14 +22,7 @@ func TestTakeOver(t *testing.T) {
 	if testing.Short() {
 		t.Skip("child agents")
 	}
-	for _, plane := range []string{"splice", "sockmap"} {
-		t.Run(plane, func(t *testing.T) {
-			if plane == "sockmap" {
-				testutil.RequirePrivileged(t)
-			}
-			testTakeOver(t, plane)
-		})
-	}
+	forEachPlane(t, testTakeOver)
 }
 
 func testTakeOver(t *testing.T, plane string) {

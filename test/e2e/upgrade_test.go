@@ -27,7 +27,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/wsplice/wsplice/pkg/admin"
 	"github.com/wsplice/wsplice/pkg/config"
-	"github.com/wsplice/wsplice/test/testutil"
 )
 
 // The upgrade tests run the agent as a child process (this test binary,
@@ -600,14 +599,7 @@ func TestUpgrade(t *testing.T) {
 	if testing.Short() {
 		t.Skip("child agents")
 	}
-	for _, plane := range []string{"splice", "sockmap"} {
-		t.Run(plane, func(t *testing.T) {
-			if plane == "sockmap" {
-				testutil.RequirePrivileged(t)
-			}
-			testUpgrade(t, plane)
-		})
-	}
+	forEachPlane(t, testUpgrade)
 }
 
 func testUpgrade(t *testing.T, plane string) {

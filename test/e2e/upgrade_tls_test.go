@@ -21,7 +21,6 @@ import (
 	"github.com/wsplice/wsplice/pkg/config"
 	"github.com/wsplice/wsplice/pkg/proxy"
 	"github.com/wsplice/wsplice/pkg/tlsterm/tlstest"
-	"github.com/wsplice/wsplice/test/testutil"
 )
 
 // TestUpgradeLeavesTLS: TLS-terminated connections cannot move to a new
@@ -35,14 +34,7 @@ func TestUpgradeLeavesTLS(t *testing.T) {
 	if testing.Short() {
 		t.Skip("child agents")
 	}
-	for _, plane := range []string{"splice", "sockmap"} {
-		t.Run(plane, func(t *testing.T) {
-			if plane == "sockmap" {
-				testutil.RequirePrivileged(t)
-			}
-			testUpgradeLeavesTLS(t, plane)
-		})
-	}
+	forEachPlane(t, testUpgradeLeavesTLS)
 }
 
 func testUpgradeLeavesTLS(t *testing.T, plane string) {
