@@ -447,13 +447,16 @@ func (s *Sockmap) detachKernel(c *smConn) (Detached, error) {
 	return Detached{ID: c.id, Kind: KindSockmap, Client: cl, Backend: be, IdleTimeout: c.idle, State: state}, nil
 }
 
-// forget drops the plane's hold on c without touching its sockets or its
-// entries in the shared maps. Called under mu.
+// forget drops the plane's hold on c: its descriptors (the sockets stay
+// open while another process holds them), epoll registrations and
+// bookkeeping, not its entries in the maps. Called under mu.
 func (s *Sockmap) forget(c *smConn) {
 	for i := range 2 {
-		s.ep.del(c.fd[i])
-		unix.Close(c.fd[i])
-		c.fd[i] = -1
+		if c.fd[i] >= 0 {
+			s.ep.del(c.fd[i])
+			unix.Close(c.fd[i])
+			c.fd[i] = -1
+		}
 		delete(s.byCookie, c.cookie[i])
 	}
 	delete(s.conns, c.id)

@@ -571,31 +571,21 @@ func (s *Sockmap) finish(c *smConn, reason CloseReason, err error, rst bool) {
 		_ = s.bpf.objs.Socks.Lookup(c.cookie[i], &st[i])
 	}
 	for i := range 2 {
-		if c.fd[i] < 0 {
-			continue
-		}
-		s.ep.del(c.fd[i])
-		if rst {
+		if rst && c.fd[i] >= 0 {
 			smLingerZero(c.fd[i])
 		}
-		unix.Close(c.fd[i])
-		c.fd[i] = -1
-	}
-	for i := range 2 {
-		_ = s.bpf.objs.Socks.Delete(c.cookie[i])
-		_ = s.bpf.objs.Demote.Delete(c.cookie[i])
-		delete(s.byCookie, c.cookie[i])
-	}
-	delete(s.conns, c.id)
-	delete(s.hot, c)
-	if c.buf != nil {
-		smBufPool.Put(c.buf)
-		c.buf = nil
 	}
 	if c.phase == smQueued || c.phase == smDraining {
 		s.ctr.DemoteFailures++
 	}
-	c.phase = smClosing
+	// Closed first: that takes the sockets out of the sockhashes, so no
+	// skb can meet a missing socks entry (which the program would count
+	// as a redirect failure).
+	s.forget(c)
+	for i := range 2 {
+		_ = s.bpf.objs.Socks.Delete(c.cookie[i])
+		_ = s.bpf.objs.Demote.Delete(c.cookie[i])
+	}
 	if reason == ReasonError && err == nil {
 		err = errors.New("sockmap: local error")
 	}
