@@ -2,10 +2,13 @@ package admin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -147,7 +150,7 @@ func drainCmd(on bool) func() *cobra.Command {
 			Use:   "undrain BACKEND | --all",
 			Short: "Let a drained backend take new connections again (--all: end the agent-wide drain)",
 		}
-		var all bool
+		var all, ifRunning bool
 		cmd.Flags().BoolVar(&all, "all", false, "the whole agent instead of one backend")
 		cmd.Args = func(cmd *cobra.Command, args []string) error {
 			if all && len(args) > 0 || !all && len(args) != 1 {
@@ -168,35 +171,66 @@ pool/host:port; without a pool it drains the backend in every pool.
 With --all the whole agent goes lame duck: /readyz answers 503 so load
 balancers and Kubernetes stop sending new clients, listeners keep accepting
 meanwhile, and established connections stay. Stop the agent (SIGTERM) to
-close the listeners and drain (a Kubernetes preStop hook does this).`
+close the listeners and drain (a Kubernetes preStop hook does this).
+
+With --if-running, no agent listening on the admin socket is not an error:
+the command says so and exits 0. That is the preStop hook of a pod whose
+agent handed everything to the next pod (wsplice run --take-over) and closed
+its admin socket: there is nothing left to drain, and the hook must not fail.
+Any other failure (permission denied, no answer, an error from the agent)
+still fails.`
 			cmd.Flags().DurationVar(&wait, "wait", 0, "wait until the backend has no active connections, at most this long")
 			cmd.Flags().DurationVar(&closeOver, "close-over", 0, "also close its established connections, spread evenly over this time (clients reconnect elsewhere without a herd)")
+			cmd.Flags().BoolVar(&ifRunning, "if-running", false, "when no agent listens on the admin socket, say so and exit 0 instead of failing (preStop after a take-over)")
 		}
 		cmd.RunE = run(func(ctx context.Context, e *cliEnv, args []string) error {
-			if all {
-				if err := e.client.LameDuck(ctx, on); err != nil {
-					return err
-				}
-				state := "draining: readiness is false, established connections stay"
-				if !on {
-					state = "ready: taking new connections"
-				}
-				fmt.Fprintln(e.out, "agent", state)
+			err := drain(ctx, e, args, on, all, wait, closeOver)
+			if err != nil && ifRunning && errors.Is(err, ErrNoAgent) && noAgentListens(e.client.path) {
+				fmt.Fprintf(e.out, "no agent listens on %s: nothing to drain\n", e.client.path)
 				return nil
 			}
-			bs, err := e.client.DrainOver(ctx, args[0], on, closeOver)
-			if err != nil {
-				return err
-			}
-			if wait > 0 {
-				if bs, err = waitDrained(ctx, e.client, args[0], wait); err != nil {
-					return err
-				}
-			}
-			return writeBackends(e, bs)
+			return err
 		})
 		return cmd
 	}
+}
+
+// drain is the body of drain and undrain (on: drain).
+func drain(ctx context.Context, e *cliEnv, args []string, on, all bool, wait, closeOver time.Duration) error {
+	if all {
+		if err := e.client.LameDuck(ctx, on); err != nil {
+			return err
+		}
+		state := "draining: readiness is false, established connections stay"
+		if !on {
+			state = "ready: taking new connections"
+		}
+		fmt.Fprintln(e.out, "agent", state)
+		return nil
+	}
+	bs, err := e.client.DrainOver(ctx, args[0], on, closeOver)
+	if err != nil {
+		return err
+	}
+	if wait > 0 {
+		if bs, err = waitDrained(ctx, e.client, args[0], wait); err != nil {
+			return err
+		}
+	}
+	return writeBackends(e, bs)
+}
+
+// noAgentListens reports whether nothing listens on the admin socket at
+// path: no such file, or a socket file nobody accepts on (the agent closed
+// it or died). ErrNoAgent also covers a socket this user may not use,
+// where an agent may well be running: that is not "no agent".
+func noAgentListens(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return false
+	}
+	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // waitDrained polls until no backend matching spec has active connections.
