@@ -113,7 +113,8 @@ type agentConfig struct {
 		Address string `json:"address"`
 	} `json:"metrics"`
 	Admin struct {
-		Socket string `json:"socket"`
+		Socket         string `json:"socket"`
+		TakeoverSocket string `json:"takeover_socket"`
 	} `json:"admin"`
 	Tune struct {
 		Mode string `json:"mode"`

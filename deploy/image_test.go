@@ -417,12 +417,19 @@ func checkCommands(t *testing.T, bin string, m *manifests) {
 		if len(argv) == 0 || argv[0] != agentBinary {
 			return
 		}
+		// The subcommand words, then every flag (its name only): a word
+		// after the first flag is a flag's value (-c FILE), which the
+		// config check above covers.
 		var words []string
+		flags := false
 		for _, a := range argv[1:] {
-			if strings.HasPrefix(a, "-") && a != "--all" {
-				break // value flags (-c FILE) are checked by running them above
+			if strings.HasPrefix(a, "-") {
+				flags = true
+				name, _, _ := strings.Cut(a, "=")
+				words = append(words, name)
+			} else if !flags {
+				words = append(words, a)
 			}
-			words = append(words, a)
 		}
 		used[strings.Join(words, " ")] = where
 	}

@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path"
@@ -27,6 +28,10 @@ const (
 	// wait before SIGKILL: the preStop hook, the agent's shutdown after the
 	// drain, and scheduling slack all come out of the grace period.
 	drainMargin = 10 * time.Second
+	// minTakeoverWait is the least minReadySeconds that covers a take-over
+	// (a few seconds for thousands of connections) with room to spare: until
+	// it ends, the new pod's probes are answered by the old agent.
+	minTakeoverWait = 10 * time.Second
 )
 
 // agentCaps are the capabilities the agent container adds: exactly these.
@@ -247,12 +252,107 @@ func TestDaemonSetHostNetworkAndDNS(t *testing.T) {
 	if !found {
 		t.Errorf("serviceAccountName %q is not defined in %s", spec.ServiceAccountName, k8sDir)
 	}
-	// Two agents on a node would fight over its ports and pinned maps.
+}
+
+// TestDaemonSetTakeOverUpdate: a rolling update starts the next pod beside
+// the running one, whose agent hands it everything over the take-over
+// socket, and deletes the old pod only after that.
+func TestDaemonSetTakeOverUpdate(t *testing.T) {
+	m := loadManifests(t)
+	ds, c := m.daemonSet(t)
+	_, cfg := m.agentConfig(t)
+
+	// New pod first (surge), never a node without a serving agent, and one
+	// node at a time.
 	ru := ds.Spec.UpdateStrategy.RollingUpdate
 	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ru == nil ||
-		ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 0 {
-		t.Errorf("updateStrategy %+v: want RollingUpdate with maxSurge 0", ds.Spec.UpdateStrategy)
+		!isInt(ru.MaxSurge, 1) || !isInt(ru.MaxUnavailable, 0) {
+		t.Errorf("updateStrategy %s: want RollingUpdate with maxSurge 1 and maxUnavailable 0 (the next pod takes over from the running one)", jsonOf(ds.Spec.UpdateStrategy))
 	}
+	// The new pod's probes reach the old agent (same host network) until
+	// the take-over ends: only minReadySeconds keeps the controller from
+	// deleting the old pod mid-take-over.
+	if got := time.Duration(ds.Spec.MinReadySeconds) * time.Second; got < minTakeoverWait {
+		t.Errorf("minReadySeconds %s: want at least %s, or the old pod may be deleted before the new one has taken over", got, minTakeoverWait)
+	}
+
+	if !slices.Contains(c.Args, "--take-over") {
+		t.Errorf("agent args %q lack --take-over: the next pod would start afresh beside the running one", c.Args)
+	}
+
+	// The take-over socket: configured, in a host directory the agent
+	// container mounts writable at the same path (so both pods of a node
+	// meet there), and apart from the admin socket.
+	ts := cfg.Admin.TakeoverSocket
+	if ts == "" || !path.IsAbs(ts) {
+		t.Fatalf("admin.takeover_socket %q: want an absolute path (--take-over needs it)", ts)
+	}
+	tsDir := path.Dir(ts)
+	vm, v := volumeAt(ds, c, tsDir)
+	switch {
+	case vm == nil:
+		t.Errorf("admin.takeover_socket %s: its directory is not a volume of the agent container", ts)
+	case vm.ReadOnly:
+		t.Errorf("the take-over socket's volume %s is mounted read-only: the agent binds the socket there", vm.Name)
+	case v.HostPath == nil:
+		t.Errorf("the take-over socket's volume %s is not a hostPath: the next pod would not see the running agent's socket", vm.Name)
+	case v.HostPath.Path != vm.MountPath:
+		t.Errorf("take-over volume: host path %s mounted at %s: keep them the same, so the socket has one name on the node", v.HostPath.Path, vm.MountPath)
+	case v.HostPath.Type == nil || *v.HostPath.Type != corev1.HostPathDirectoryOrCreate:
+		t.Errorf("take-over hostPath %s: type %s, want DirectoryOrCreate (nothing else creates it on the node)", v.HostPath.Path, jsonOf(v.HostPath.Type))
+	}
+
+	// The admin socket stays per pod: during an update both pods run, and
+	// each one's preStop and kubectl exec must reach its own agent.
+	if avm, av := volumeAt(ds, c, path.Dir(cfg.adminSocket())); avm == nil || av.EmptyDir == nil {
+		t.Errorf("admin socket %s: its directory is not an emptyDir of the pod: two pods on a node would share one admin socket", cfg.adminSocket())
+	}
+	if path.Dir(ts) == path.Dir(cfg.adminSocket()) {
+		t.Errorf("admin.takeover_socket %s and admin.socket %s share a directory: one must be per pod, the other per node", ts, cfg.adminSocket())
+	}
+
+	// After a take-over the old pod's agent has closed its admin socket:
+	// its preStop must not fail for that.
+	if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Exec == nil ||
+		!slices.Contains(c.Lifecycle.PreStop.Exec.Command, "--if-running") {
+		t.Error("the preStop drain lacks --if-running: after a take-over it would fail (FailedPreStopHook)")
+	}
+
+	// On the host network a declared port becomes a hostPort, which the
+	// scheduler grants to one pod per node: the surge pod would stay
+	// Pending.
+	for _, ct := range append(slices.Clone(ds.Spec.Template.Spec.InitContainers), ds.Spec.Template.Spec.Containers...) {
+		for _, p := range ct.Ports {
+			t.Errorf("container %s declares port %d (%s): with hostNetwork it becomes a hostPort, and the update's second pod on the node could not be scheduled", ct.Name, p.ContainerPort, p.Name)
+		}
+	}
+}
+
+// isInt reports whether v is the plain number n (not a percentage).
+func isInt(v *intstr.IntOrString, n int32) bool {
+	return v != nil && v.Type == intstr.Int && v.IntVal == n
+}
+
+func jsonOf(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+// volumeAt returns the volume mount of container c whose mount path is dir
+// or a parent of it, and its volume.
+func volumeAt(ds *appsv1.DaemonSet, c *corev1.Container, dir string) (*corev1.VolumeMount, *corev1.Volume) {
+	for i := range c.VolumeMounts {
+		vm := &c.VolumeMounts[i]
+		if dir != vm.MountPath && !strings.HasPrefix(dir, vm.MountPath+"/") {
+			continue
+		}
+		for j := range ds.Spec.Template.Spec.Volumes {
+			if v := &ds.Spec.Template.Spec.Volumes[j]; v.Name == vm.Name {
+				return vm, v
+			}
+		}
+	}
+	return nil, nil
 }
 
 func TestDaemonSetLeastPrivilege(t *testing.T) {
@@ -292,6 +392,22 @@ func TestDaemonSetLeastPrivilege(t *testing.T) {
 	}
 	if psc := spec.SecurityContext; psc != nil && psc.SeccompProfile != nil && psc.SeccompProfile.Type == corev1.SeccompProfileTypeUnconfined {
 		t.Error("the pod turns seccomp off")
+	}
+	// AppArmor: left to the runtime's default profile. Unconfined was only
+	// for pinning below /sys/fs/bpf, which the agent no longer does; and a
+	// named RuntimeDefault makes the kubelet refuse the pod on nodes
+	// without AppArmor, while leaving it out applies the same profile
+	// wherever AppArmor is on.
+	if sc.AppArmorProfile != nil {
+		t.Errorf("agent container appArmorProfile %s: leave it out (the runtime default applies where AppArmor is on; a named profile is refused on nodes without it)", jsonOf(sc.AppArmorProfile))
+	}
+	if psc := spec.SecurityContext; psc != nil && psc.AppArmorProfile != nil {
+		t.Errorf("pod appArmorProfile %s: leave it out", jsonOf(psc.AppArmorProfile))
+	}
+	for k, v := range ds.Spec.Template.Annotations {
+		if strings.HasPrefix(k, "container.apparmor.security.beta.kubernetes.io/") {
+			t.Errorf("pod annotation %s=%s: leave AppArmor to the runtime default", k, v)
+		}
 	}
 
 	// The only privileged container may be the short-lived init container
@@ -338,39 +454,44 @@ func TestDaemonSetInitTune(t *testing.T) {
 	}
 }
 
-func TestDaemonSetBPFFS(t *testing.T) {
+// TestDaemonSetHostPaths: the node directories the pod mounts are exactly
+// those it needs. In particular the BPF file system is not mounted: the
+// agent pins nothing (its maps travel to the next agent over the take-over
+// socket), and a writable /sys/fs/bpf would let it reach every program and
+// map pinned on the node.
+func TestDaemonSetHostPaths(t *testing.T) {
 	m := loadManifests(t)
-	ds, c := m.daemonSet(t)
-	var vm *corev1.VolumeMount
-	for i := range c.VolumeMounts {
-		if c.VolumeMounts[i].MountPath == "/sys/fs/bpf" {
-			vm = &c.VolumeMounts[i]
-		}
+	ds, _ := m.daemonSet(t)
+	_, cfg := m.agentConfig(t)
+	want := map[string]string{
+		"/var/lib/wsplice":                 "tune apply's record of the sysctls it replaced",
+		path.Dir(cfg.Admin.TakeoverSocket): "the take-over socket, shared by the pods of a node",
 	}
-	if vm == nil {
-		t.Fatal("agent container does not mount /sys/fs/bpf: pinned state would not outlive the container")
-	}
-	if vm.ReadOnly {
-		t.Error("/sys/fs/bpf is mounted read-only: pinning needs write access")
-	}
+	got := map[string]bool{}
 	for _, v := range ds.Spec.Template.Spec.Volumes {
-		if v.Name != vm.Name {
+		if v.HostPath == nil {
 			continue
 		}
-		hp := v.HostPath
-		if hp == nil || hp.Path != "/sys/fs/bpf" {
-			t.Fatalf("volume %s is not hostPath /sys/fs/bpf: %+v", v.Name, v.VolumeSource)
+		p := path.Clean(v.HostPath.Path)
+		got[p] = true
+		if p == "/sys" || p == "/sys/fs" || strings.HasPrefix(p, "/sys/fs/bpf") {
+			t.Errorf("volume %s mounts the host's %s: the agent pins no BPF objects any more; do not mount the BPF file system", v.Name, p)
+		} else if _, ok := want[p]; !ok {
+			t.Errorf("volume %s mounts the host's %s, which nothing in the agent needs", v.Name, p)
 		}
-		if hp.Type == nil || *hp.Type != corev1.HostPathDirectory {
-			got := "unset"
-			if hp.Type != nil {
-				got = string(*hp.Type)
-			}
-			t.Errorf("hostPath /sys/fs/bpf type %s, want Directory (never create a plain directory in place of bpffs)", got)
-		}
-		return
 	}
-	t.Fatalf("no volume %s", vm.Name)
+	for p, why := range want {
+		if !got[p] {
+			t.Errorf("no hostPath volume %s (%s)", p, why)
+		}
+	}
+	for _, ct := range append(slices.Clone(ds.Spec.Template.Spec.InitContainers), ds.Spec.Template.Spec.Containers...) {
+		for _, vm := range ct.VolumeMounts {
+			if vm.MountPath == "/sys/fs/bpf" || strings.HasPrefix(vm.MountPath, "/sys/fs/bpf/") {
+				t.Errorf("container %s mounts %s: the agent pins no BPF objects any more", ct.Name, vm.MountPath)
+			}
+		}
+	}
 }
 
 func TestDaemonSetProbesAndDrain(t *testing.T) {
@@ -400,8 +521,9 @@ func TestDaemonSetProbesAndDrain(t *testing.T) {
 		if g.Path != tc.path {
 			t.Errorf("%s path %q, want %q", tc.name, g.Path, tc.path)
 		}
-		if p := resolvePort(t, c, g.Port); p != metricsPort {
-			t.Errorf("%s port %v (%d), want the metrics port %d of metrics.address", tc.name, g.Port.String(), p, metricsPort)
+		// By number: no port is declared to name (TestDaemonSetTakeOverUpdate).
+		if g.Port.Type != intstr.Int || g.Port.IntVal != metricsPort {
+			t.Errorf("%s port %s, want the number %d (the port of metrics.address)", tc.name, g.Port.String(), metricsPort)
 		}
 		if g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP {
 			t.Errorf("%s scheme %s: the metrics endpoint is plain HTTP", tc.name, g.Scheme)
@@ -434,26 +556,15 @@ func TestDaemonSetProbesAndDrain(t *testing.T) {
 
 func TestDaemonSetPortsAndResources(t *testing.T) {
 	m := loadManifests(t)
-	ds, c := m.daemonSet(t)
+	ds, _ := m.daemonSet(t)
 	_, cfg := m.agentConfig(t)
 
-	declared := map[int32]bool{}
-	for _, p := range c.Ports {
-		if p.HostPort != 0 && p.HostPort != p.ContainerPort {
-			t.Errorf("port %s: hostPort %d ≠ containerPort %d, which hostNetwork forbids", p.Name, p.HostPort, p.ContainerPort)
-		}
-		if errs := validation.IsValidPortName(p.Name); len(errs) > 0 {
-			t.Errorf("port name %q: %v", p.Name, errs)
-		}
-		declared[p.ContainerPort] = true
-	}
-	want := map[int32]string{portOf(t, cfg.Metrics.Address): "metrics.address"}
+	// No ports are declared (TestDaemonSetTakeOverUpdate); the one the pod
+	// spec relies on, the probes' metrics port, must not be a listener's.
+	metricsPort := portOf(t, cfg.Metrics.Address)
 	for _, l := range cfg.Listeners {
-		want[portOf(t, l.Address)] = "listener " + l.Name
-	}
-	for p, what := range want {
-		if !declared[p] {
-			t.Errorf("%s uses port %d, which the container does not declare", what, p)
+		if portOf(t, l.Address) == metricsPort {
+			t.Errorf("listener %s uses the metrics port %d", l.Name, metricsPort)
 		}
 	}
 
@@ -539,7 +650,7 @@ func splitHostPort(addr string) (string, int32, error) {
 
 func TestMetricsServiceAndServiceMonitor(t *testing.T) {
 	m := loadManifests(t)
-	ds, c := m.daemonSet(t)
+	ds, _ := m.daemonSet(t)
 	svc, ok := m.services[namespace+"/wsplice-metrics"]
 	if !ok {
 		t.Fatal("no Service wsplice-metrics")
@@ -556,8 +667,9 @@ func TestMetricsServiceAndServiceMonitor(t *testing.T) {
 	if metricsPort == nil {
 		t.Fatal("Service wsplice-metrics has no port named metrics")
 	}
-	if resolvePort(t, c, metricsPort.TargetPort) == 0 {
-		t.Errorf("Service port targets %s, which the container does not expose", metricsPort.TargetPort.String())
+	_, cfg := m.agentConfig(t)
+	if want := portOf(t, cfg.Metrics.Address); metricsPort.TargetPort.Type != intstr.Int || metricsPort.TargetPort.IntVal != want {
+		t.Errorf("Service port targets %s, want the number %d (metrics.address; the container declares no port to name)", metricsPort.TargetPort.String(), want)
 	}
 
 	sm := m.serviceMonitors[0]
@@ -649,18 +761,6 @@ func TestKustomization(t *testing.T) {
 func boolInt(b bool) int {
 	if b {
 		return 1
-	}
-	return 0
-}
-
-// resolvePort returns the container port a probe or Service port refers
-// to, by number or by name; 0 when the container does not declare it.
-func resolvePort(t *testing.T, c *corev1.Container, p intstr.IntOrString) int32 {
-	t.Helper()
-	for _, cp := range c.Ports {
-		if (p.Type == intstr.String && cp.Name == p.StrVal) || (p.Type == intstr.Int && cp.ContainerPort == p.IntVal) {
-			return cp.ContainerPort
-		}
 	}
 	return 0
 }
