@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -198,10 +199,11 @@ func (s *Splice) Stats(id uint64) (Stats, bool) {
 	return sc.spStats(), true
 }
 
-// Kill closes connection id with reason: a FIN to both sides for
-// ReasonDrain, ReasonShutdown and ReasonIdle (shutdown(SHUT_RDWR), then
-// close), an RST to both (SO_LINGER{1,0}, then close) for any other reason.
-// Bytes not yet forwarded are dropped. It returns false if id is unknown or
+// Kill closes connection id with reason: for ReasonDrain, ReasonShutdown
+// and ReasonIdle gracefully (spGraceful: no more reads, the bytes already
+// read are written, then a FIN each way; an RST where they cannot be
+// written within spCloseGrace), for any other reason with an RST to both
+// (SO_LINGER{1,0}, then close). It returns false if id is unknown or
 // already finished; Done follows asynchronously.
 func (s *Splice) Kill(id uint64, reason CloseReason) bool {
 	s.mu.Lock()
@@ -210,8 +212,48 @@ func (s *Splice) Kill(id uint64, reason CloseReason) bool {
 	if sc == nil {
 		return false
 	}
-	sc.spAbort(reason, nil, spResets(reason))
+	if spResets(reason) {
+		sc.spAbort(reason, nil, true)
+	} else {
+		sc.spGraceful(reason)
+	}
 	return true
+}
+
+// spCloseGrace bounds a graceful close: bytes read and not yet written by
+// then cannot be delivered, and both sides get an RST instead of a FIN
+// (a FIN would tell the receiver the stream ended where it did not).
+const spCloseGrace = 2 * time.Second
+
+// spGraceful closes c with reason, without losing what was read: each
+// direction stops reading (a read deadline in the past wakes one parked
+// on its source), writes out what it holds (a write deadline of
+// spCloseGrace bounds that), then passes a FIN on (spEnd). The last
+// direction to end closes the sockets. A teardown meanwhile (an RST, a
+// failed write) still wins.
+func (sc *spliceConn) spGraceful(reason CloseReason) {
+	sc.mu.Lock()
+	if sc.closing || sc.ho != nil || sc.grace {
+		sc.mu.Unlock()
+		return
+	}
+	sc.grace, sc.reason = true, reason
+	sc.mu.Unlock()
+	for _, tc := range []*net.TCPConn{sc.client, sc.backend} {
+		// Errors mean the socket is being closed by a teardown.
+		_ = tc.SetWriteDeadline(time.Now().Add(spCloseGrace))
+		_ = tc.SetReadDeadline(detachDeadline)
+	}
+}
+
+// spGracing reports whether err is the deadline spGraceful set.
+func (sc *spliceConn) spGracing(err error) bool {
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	return sc.grace && sc.ho == nil
 }
 
 // Close closes every connection with ReasonShutdown (FIN to both sides),
@@ -226,7 +268,7 @@ func (s *Splice) Close() error {
 	}
 	s.mu.Unlock()
 	for _, sc := range live {
-		sc.spAbort(ReasonShutdown, nil, false)
+		sc.spGraceful(ReasonShutdown)
 	}
 	s.wg.Wait()
 	s.closedOnce.Do(s.pipes.spCloseAll)
@@ -295,6 +337,7 @@ type spliceConn struct {
 	closeOnce       sync.Once
 	finished        atomic.Bool
 	ho              *spDetach // set (under mu) while Detach takes the connection off the plane
+	grace           bool      // (under mu) spGraceful is closing it
 
 	mu       sync.Mutex
 	timer    *time.Timer
@@ -327,7 +370,7 @@ func (sc *spliceConn) spIdleCheck() {
 		return
 	}
 	sc.mu.Lock()
-	t, closing := sc.timer, sc.closing
+	t, closing := sc.timer, sc.closing || sc.grace
 	sc.mu.Unlock()
 	if closing || t == nil {
 		return
@@ -466,6 +509,7 @@ type spDir struct {
 	perr     error  // the poller's error (net.ErrClosed after a teardown)
 	pending  []byte // hand-off: read from the source by another agent, written first
 	eofSent  bool   // the source's EOF was passed on (CloseWrite on dst)
+	dropped  int    // bytes read and not written when the last move stopped
 
 	// Method values bound once so that waiting on the poller does not
 	// allocate a closure per event.
@@ -548,6 +592,7 @@ func (d *spDir) spMove() bool {
 	if d.perr != nil && d.spHeld() > 0 {
 		d.spKeepHeld() // a Detach stopped the write: the bytes go with the connection
 	}
+	d.dropped = d.spHeld() // a teardown, or a graceful close that ran out of time
 	d.spRelease()
 	return d.perr == nil && d.rerr == nil && d.werr == nil && d.local == nil && !d.eof
 }
@@ -565,6 +610,8 @@ func (d *spDir) spEnd() int {
 	switch {
 	case d.perr != nil && d.sc.spDetaching(d.perr):
 		// Detach set a deadline: stop here, the sockets stay open.
+	case d.perr != nil && sc.spGracing(d.perr):
+		return d.spEndGraceful()
 	case d.perr != nil:
 		// net.ErrClosed after a teardown (a no-op: the reason is
 		// settled) or a poller failure.
@@ -739,11 +786,38 @@ func (d *spDir) spWatch() {
 	err := d.srcRC.Read(d.watchFn)
 	switch {
 	case err != nil && d.sc.spDetaching(err):
+	case err != nil && d.sc.spGracing(err):
+		// Its FIN went on already; the other direction ends the close.
 	case err != nil:
 		d.sc.spAbort(ReasonError, fmt.Errorf("splice: watching %s socket: %w", d.from, err), true)
 	case d.rerr != nil:
 		d.sc.spAbort(d.from.failed(d.rerr), nil, true)
 	}
+}
+
+// spEndGraceful ends a direction that spGraceful stopped: with everything
+// it read written, the FIN goes on; with bytes it could not write in time,
+// both sides get an RST, so that neither takes the cut for the stream's end.
+func (d *spDir) spEndGraceful() int {
+	sc := d.sc
+	if d.dropped > 0 {
+		sc.s.log.Warn("splice: bytes not delivered within the close grace period, resetting instead of FIN",
+			"conn", sc.c.ID, "from", d.from.String(), "bytes", d.dropped)
+		sc.mu.Lock()
+		reason := sc.reason
+		sc.mu.Unlock()
+		sc.spAbort(reason, nil, true)
+		return spStop
+	}
+	if !d.eofSent {
+		if err := d.dst.CloseWrite(); err != nil {
+			sc.spAbort(d.to.reset(), nil, true)
+			return spStop
+		}
+		d.eofSent = true
+		sc.spDirDone()
+	}
+	return spStop
 }
 
 func (d *spDir) spWatchCB(fd uintptr) bool {

@@ -78,7 +78,7 @@ func (s *Splice) Detach(ids []uint64) ([]Detached, error) {
 	s.mu.Unlock()
 	for _, sc := range cands {
 		sc.mu.Lock()
-		if sc.closing || sc.ho != nil {
+		if sc.closing || sc.ho != nil || sc.grace {
 			sc.mu.Unlock()
 			continue
 		}

@@ -5,7 +5,6 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-
 )
 
 // TestTakeOver is a DaemonSet rolling update on one node, three times: a
