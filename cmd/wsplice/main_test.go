@@ -26,6 +26,9 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"run", "-c", good, "--listen", ":1"}, exitUsage},
 		{[]string{"no-such-command"}, exitUsage},
 		{[]string{"status", "--admin-socket", filepath.Join(dir, "none.sock")}, exitNoAgent},
+		{[]string{"drain", "--all", "--admin-socket", filepath.Join(dir, "none.sock")}, exitNoAgent},
+		{[]string{"drain", "--all", "--if-running", "--admin-socket", filepath.Join(dir, "none.sock")}, exitOK},
+		{[]string{"run", "--take-over", "--listen", ":1", "--backend", "127.0.0.1:1"}, exitConfig}, // no admin.takeover_socket
 		{[]string{"completion", "bash"}, exitOK},
 	}
 	for _, tc := range cases {

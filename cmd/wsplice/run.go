@@ -77,6 +77,9 @@ answers there, this one starts afresh. On one host without containers,
 			if err := cfg.Validate(); err != nil {
 				return withCode(exitConfig, err)
 			}
+			if takeOver && cfg.Admin.TakeoverSocket == "" {
+				return withCode(exitConfig, fmt.Errorf("--take-over: set admin.takeover_socket in the configuration (the socket a running agent listens on, e.g. /run/wsplice-takeover/takeover.sock)"))
+			}
 			log := newLogger(cfg.Log)
 			return withCode(exitFailure, agent.Run(cmd.Context(), agent.Options{Config: cfg, ConfigPath: file, Logger: log, TakeOver: takeOver}))
 		},
