@@ -159,6 +159,7 @@ type ConnCounts struct {
 	Active  int `json:"active"`
 	Sockmap int `json:"sockmap"` // handed to the kernel plane (demoted ones included)
 	Splice  int `json:"splice"`  // handed to splice
+	TLS     int `json:"tls"`     // TLS-terminated (copied in userspace; cannot move in an upgrade)
 	Demoted int `json:"demoted"` // left the kernel path for splice
 }
 

@@ -42,7 +42,7 @@ func WriteStatus(w io.Writer, s Status, now time.Time) error {
 		fmt.Fprintf(tw, "%s\t%s %s (%s, %s)\n", label, l.Name, l.Address, l.Mode, l.Dataplane)
 	}
 	c := s.Connections
-	fmt.Fprintf(tw, "connections\t%d established (sockmap %d, splice %d, demoted %d)\n", c.Active, c.Sockmap, c.Splice, c.Demoted)
+	fmt.Fprintf(tw, "connections\t%d established (sockmap %d, splice %d, demoted %d, tls %d)\n", c.Active, c.Sockmap, c.Splice, c.Demoted, c.TLS)
 	k := s.Counters
 	fmt.Fprintf(tw, "since start\t%d accepted, %d established, %d backend connect failures, %d sockmap→splice fallbacks\n",
 		k.Accepted, k.Established, k.ConnectFails, k.PlaneFallbacks)

@@ -464,9 +464,13 @@ func (h adminHandler) Status(context.Context) (admin.Status, error) {
 	}
 	for _, c := range a.Proxy.Conns() {
 		st.Connections.Active++
-		if c.Plane != nil && c.Plane.Kind() == dataplane.KindSockmap {
+		switch {
+		case c.Plane == nil:
+		case c.Plane.Kind() == dataplane.KindSockmap:
 			st.Connections.Sockmap++
-		} else {
+		case c.Plane.Kind() == dataplane.KindCopy:
+			st.Connections.TLS++
+		default:
 			st.Connections.Splice++
 		}
 	}

@@ -75,6 +75,9 @@ func testUpgradeLeavesTLS(t *testing.T, plane string) {
 	tls1.echo(t, ctx, "tls1 before")
 	tls2.echo(t, ctx, "tls2 before")
 	stayActive(t, ctx, a, plain+2)
+	if st, err := a.admin.Status(ctx); err != nil || st.Connections.TLS != 2 || st.Connections.Splice+st.Connections.Sockmap != plain {
+		t.Fatalf("status counts %+v (%v): want 2 TLS-terminated and %d on the %s plane", st.Connections, err, plain, plane)
+	}
 	t.Logf("agent pid %d: %d plain connections on %s (%s), 2 TLS-terminated on %s", pid, plain, a.addr, plane, wss)
 
 	// 1. Strict: refused while TLS connections are open, nothing changes.
