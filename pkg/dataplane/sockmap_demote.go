@@ -75,8 +75,15 @@ func (s *Sockmap) queueDemote(c *smConn, reason string) {
 // on the loop's thread, which is in the plane's network namespace.
 func (s *Sockmap) runDemotions(now int64) {
 	batch := s.demoteQ
-	if len(batch) > smDemoteBatch {
-		batch = batch[:smDemoteBatch]
+	// Two planes share the demote map while one hands over to the other
+	// (Export, Inherit): each takes half, so that their passes together
+	// cannot fill it.
+	most := smDemoteBatch
+	if s.bpf.shared {
+		most /= 2
+	}
+	if len(batch) > most {
+		batch = batch[:most]
 	}
 	s.demoteQ = append([]*smConn(nil), s.demoteQ[len(batch):]...)
 	m := &s.bpf.objs
