@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"slices"
@@ -39,6 +40,7 @@ type genOpts struct {
 	proxy   int           // slow test: proxy PID for RSS
 	stats   string        // backends' stats address
 	recover time.Duration // slow test: longest wait for memory to come back
+	period  time.Duration // chatty test: mean time between one connection's messages
 }
 
 // statsClient reads the backends' receive counters.
@@ -81,16 +83,32 @@ const (
 	phaseStop
 )
 
-// window measures CPU across the measurement window.
+// window measures CPU across the measurement window. With split set it
+// also keeps the proxy's own CPU (proxy and its descendants) and the
+// kernel threads' apart, from the same /proc snapshots.
 type window struct {
 	pids   []int
+	proxy  int
+	split  bool
 	t0, t1 time.Time
 	c0, c1 cpuStat
 	a0, a1 map[int]uint64
+	p0, p1 map[int]uint64
+	k0, k1 map[int]uint64
+	g0, g1 map[int]uint64 // the generator itself
+}
+
+func (w *window) sample() (a, p, k, g map[int]uint64) {
+	procs := allProcs()
+	a = attributedFrom(procs, w.pids)
+	if w.split {
+		p, k, g = processJiffies(procs, w.proxy), kthreadJiffies(procs), processJiffies(procs, os.Getpid())
+	}
+	return a, p, k, g
 }
 
 func (w *window) start() {
-	w.a0 = attributedJiffies(w.pids)
+	w.a0, w.p0, w.k0, w.g0 = w.sample()
 	w.c0 = readCPU()
 	w.t0 = time.Now()
 }
@@ -98,7 +116,7 @@ func (w *window) start() {
 func (w *window) stop() {
 	w.t1 = time.Now()
 	w.c1 = readCPU()
-	w.a1 = attributedJiffies(w.pids)
+	w.a1, w.p1, w.k1, w.g1 = w.sample()
 }
 
 func (w *window) fill(r *Result) {
@@ -111,6 +129,19 @@ func (w *window) fill(r *Result) {
 	r.MachineBusy = busyFraction(w.c0, w.c1)
 	if t := float64(w.c1.total()-w.c0.total()) / clkTck; t > 0 {
 		r.OtherLoad = max(0, r.CPUBusyS-r.CPUAttrS) / t
+	}
+	if w.split {
+		if w.proxy > 0 {
+			r.ProxyPID = w.proxy
+			r.ProxyCPUS = float64(jiffiesBetween(w.p0, w.p1)) / clkTck
+			if r.DurS > 0 {
+				r.ProxyCPUPct = r.ProxyCPUS / r.DurS * 100
+			}
+		}
+		r.KthreadCPUS = float64(jiffiesBetween(w.k0, w.k1)) / clkTck
+		if r.DurS > 0 {
+			r.GenCPUPct = float64(jiffiesBetween(w.g0, w.g1)) / clkTck / r.DurS * 100
+		}
 	}
 }
 
@@ -127,6 +158,8 @@ func runGen(o genOpts) error {
 		r, err = genHandshakes(o)
 	case "slow":
 		r, err = genSlow(o)
+	case "chatty":
+		r, err = genChatty(o)
 	default:
 		return fmt.Errorf("unknown test %q", o.test)
 	}
@@ -138,10 +171,24 @@ func runGen(o genOpts) error {
 
 // dialAll opens n upgraded connections on path, 32 at a time.
 func dialAll(addr, path string, n int) ([]net.Conn, []*bufio.Reader, error) {
-	conns := make([]net.Conn, n)
-	brs := make([]*bufio.Reader, n)
+	conns, brs, failed, firstErr := dialEach(addr, path, n)
+	if failed > 0 {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+		return nil, nil, firstErr
+	}
+	return conns, brs, nil
+}
+
+// dialEach tries to open n upgraded connections on path, 32 at a time; the
+// ones that failed are nil, counted in failed, the first error kept.
+func dialEach(addr, path string, n int) (conns []net.Conn, brs []*bufio.Reader, failed int, firstErr error) {
+	conns = make([]net.Conn, n)
+	brs = make([]*bufio.Reader, n)
 	var wg sync.WaitGroup
-	var firstErr error
 	var mu sync.Mutex
 	sem := make(chan struct{}, 32)
 	for i := range n {
@@ -153,6 +200,7 @@ func dialAll(addr, path string, n int) ([]net.Conn, []*bufio.Reader, error) {
 			c, br, _, err := wsDial(addr, path, 10*time.Second)
 			if err != nil {
 				mu.Lock()
+				failed++
 				if firstErr == nil {
 					firstErr = err
 				}
@@ -163,15 +211,7 @@ func dialAll(addr, path string, n int) ([]net.Conn, []*bufio.Reader, error) {
 		}(i)
 	}
 	wg.Wait()
-	if firstErr != nil {
-		for _, c := range conns {
-			if c != nil {
-				c.Close()
-			}
-		}
-		return nil, nil, firstErr
-	}
-	return conns, brs, nil
+	return conns, brs, failed, firstErr
 }
 
 // echoOnce sends one masked message carrying seq and checks the echo.
@@ -272,6 +312,132 @@ func genEcho(o genOpts) (Result, error) {
 		slices.Sort(all)
 		q := func(p float64) float64 { return float64(all[min(int(p*float64(len(all))), len(all)-1)]) / 1e3 }
 		r.P50us, r.P99us, r.P999us = q(0.50), q(0.99), q(0.999)
+	}
+	return r, nil
+}
+
+// genChatty is the many-quiet-connections case: o.conns connections each
+// send one o.size-byte masked message, wait for its echo and sleep, so that
+// each sends one message per o.period on average (the gaps are jittered by
+// ±20 % and each connection's first message comes at a random point of the
+// first period, so they do not fire together). Sends follow their schedule,
+// not the echo: a connection whose echo took longer than its gap sends the
+// next message at once, without catching up on the ones it missed. After
+// every connection is up (and o.warm) it measures for o.dur: the round
+// trips that started and ended in the window, and CPU of the whole machine,
+// of the run's processes and kernel threads (attributed), of the proxy
+// alone (o.proxy and its descendants) and of every kernel thread.
+func genChatty(o genOpts) (Result, error) {
+	r := Result{Test: "chatty", Conns: o.conns, Size: o.size, PeriodMs: float64(o.period) / 1e6}
+	if o.period <= 0 {
+		return r, fmt.Errorf("chatty: period %s", o.period)
+	}
+	t0 := time.Now()
+	conns, brs, failed, firstErr := dialEach(o.addr, "/echo", o.conns)
+	r.ConnectS = time.Since(t0).Seconds()
+	if failed == o.conns {
+		return r, firstErr
+	}
+	if failed > 0 {
+		r.Note = fmt.Sprintf("%d of %d connections failed to open (first: %v)", failed, o.conns, firstErr)
+	}
+	var phase atomic.Int32
+	var errs atomic.Int64
+	var lastErr atomic.Value
+	stop := make(chan struct{})
+	lat := make([][]int64, o.conns)
+	perConn := int(o.dur/o.period)*5/4 + 4
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range conns {
+		if conns[i] == nil {
+			continue
+		}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			c, br := conns[i], brs[i]
+			payload := make([]byte, max(o.size, 8))
+			out := clientFrame(opBinary, payload) // header and key reused; payload re-masked per message
+			in := make([]byte, len(payload))
+			l := make([]int64, 0, perConn)
+			defer func() { lat[i] = l }()
+			next := start.Add(time.Duration(mrand.Int64N(int64(o.period))))
+			tm := time.NewTimer(time.Until(next))
+			defer tm.Stop()
+			for seq := uint64(1); ; seq++ {
+				select {
+				case <-stop:
+					return
+				case <-tm.C:
+				}
+				p := phase.Load()
+				t := time.Now()
+				if err := echoOnce(c, br, out, payload, in, seq); err != nil {
+					if phase.Load() != phaseStop {
+						errs.Add(1)
+						lastErr.Store(err.Error())
+					}
+					return
+				}
+				now := time.Now()
+				if p == phaseMeasure && phase.Load() == phaseMeasure {
+					l = append(l, int64(now.Sub(t)))
+				}
+				gap := time.Duration(float64(o.period) * (0.8 + 0.4*mrand.Float64()))
+				if next = next.Add(gap); next.Before(now) {
+					next = now
+				}
+				tm.Reset(next.Sub(now))
+			}
+		}(i)
+	}
+	time.Sleep(o.warm)
+	w := window{pids: o.pids, proxy: o.proxy, split: true}
+	w.start()
+	phase.Store(phaseMeasure)
+	time.Sleep(o.dur)
+	phase.Store(phaseStop)
+	w.stop()
+	close(stop)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second): // an echo the proxy never delivered
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+		<-done
+	}
+	for _, c := range conns {
+		if c != nil {
+			_ = c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}
+	}
+	var all []int64
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	w.fill(&r)
+	r.Errors += failed + int(errs.Load())
+	if s, ok := lastErr.Load().(string); ok {
+		r.Note = strings.TrimPrefix(r.Note+"; last error: "+s, "; ")
+	}
+	r.Msgs = int64(len(all))
+	r.MsgsPerS = float64(r.Msgs) / r.DurS
+	if len(all) > 0 {
+		slices.Sort(all)
+		q := func(p float64) float64 { return float64(all[min(int(p*float64(len(all))), len(all)-1)]) / 1e3 }
+		r.P50us, r.P99us, r.P999us = q(0.50), q(0.99), q(0.999)
+		k := float64(r.Msgs) / 1000
+		r.ProxyMsPerKMsg = r.ProxyCPUS * 1e3 / k
+		r.KthreadMsPerKMsg = r.KthreadCPUS * 1e3 / k
+		r.AttrMsPerKMsg = r.CPUAttrS * 1e3 / k
+		r.CPUMsPerKMsg = r.CPUBusyS * 1e3 / k
 	}
 	return r, nil
 }

@@ -33,17 +33,25 @@ type plan struct {
 	recoverMax time.Duration // slow test: longest wait for memory to come back
 	retries    int           // busy retries per run
 	waitBudget time.Duration // total time the whole run may wait for quiet
+	// chatty: many connections, each sending a small message every
+	// chattyPeriod (jittered) and waiting for its echo, measured for
+	// chattyDur after all are connected and one period of warm-up.
+	chattyConns  int
+	chattyDur    time.Duration
+	chattyPeriod time.Duration
 }
 
 func defaultPlan(quick bool) plan {
 	if quick {
 		return plan{name: "quick", rounds: 1, dur: time.Second, warm: 200 * time.Millisecond, hsConc: 16,
 			idleConns: 1000, idleRounds: 1, slowDur: 2 * time.Second, slowCap: 256 << 20, slowRate: 1 << 20,
-			settle: 500 * time.Millisecond, recoverMax: 3 * time.Second, retries: 2, waitBudget: 10 * time.Second}
+			settle: 500 * time.Millisecond, recoverMax: 3 * time.Second, retries: 2, waitBudget: 10 * time.Second,
+			chattyConns: 1000, chattyDur: 6 * time.Second, chattyPeriod: 200 * time.Millisecond}
 	}
 	return plan{name: "full", rounds: 3, dur: 2 * time.Second, warm: 300 * time.Millisecond, hsConc: 16,
 		idleConns: 8000, idleRounds: 1, slowDur: 4 * time.Second, slowCap: 1 << 30, slowRate: 1 << 20,
-		settle: time.Second, recoverMax: 5 * time.Second, retries: 4, waitBudget: 60 * time.Second}
+		settle: time.Second, recoverMax: 5 * time.Second, retries: 4, waitBudget: 60 * time.Second,
+		chattyConns: 4000, chattyDur: 15 * time.Second, chattyPeriod: 200 * time.Millisecond}
 }
 
 // spec is one interleaved test.
@@ -60,7 +68,35 @@ var specs = []spec{
 	{"echo100", "echo", 100, 64, false},
 	{"bulk1", "bulk", 1, 64 << 10, true},
 	{"bulk8", "bulk", 8, 64 << 10, true},
-	{"hs", "hs", 0, 0, false}, // conns = plan.hsConc
+	{"hs", "hs", 0, 0, false},          // conns = plan.hsConc
+	{"chatty", "chatty", 0, 64, false}, // conns = chattyConns(plan, file limit)
+}
+
+// fdReserve is what a process keeps for everything but the chatty test's
+// sockets (listeners, stats, pipes, the runtime's own).
+const fdReserve = 256
+
+// chattyConns is plan.chattyConns capped so that every process of the run
+// stays under the open-file hard limit: the generator and the backend hold
+// one socket per connection, a proxy two (client and backend side).
+// HAProxy's maxconn (haproxyConfig) bounds it too.
+func chattyConns(p plan, hardLimit uint64) int {
+	n := min(p.chattyConns, haproxyMaxconn-fdReserve)
+	if hardLimit > 0 && hardLimit < 1<<31 {
+		n = min(n, (int(hardLimit)-fdReserve)/2)
+	}
+	return max(n, 1)
+}
+
+// nofileHard is the open-file hard limit (0 when unknown). Go raises the
+// soft limit to it in every process it starts, so the re-executed
+// generator and backend get it as well.
+func nofileHard() uint64 {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		return 0
+	}
+	return rl.Max
 }
 
 // slowTargets take part in the slow-reader test (issue #15: demotion vs
@@ -85,6 +121,7 @@ type harness struct {
 	mach     machine
 	targets  []*target
 	started  time.Time
+	chattyN  int // connections of the chatty test (plan, capped by the file limit)
 }
 
 func (h *harness) logf(format string, args ...any) {
@@ -107,7 +144,8 @@ func (h *harness) run(ctx context.Context) error {
 	h.out = f
 	meta := map[string]any{"kind": "meta", "machine": h.mach, "plan": h.plan.name, "rounds": h.plan.rounds,
 		"dur_s": h.plan.dur.Seconds(), "idle_conns": h.plan.idleConns, "gen_cpu": h.genCPU, "proxy_cpu": h.proxyCPU,
-		"busy_max": h.plan.busyMax}
+		"busy_max": h.plan.busyMax, "chatty_conns": chattyConns(h.plan, nofileHard()), "chatty_dur_s": h.plan.chattyDur.Seconds(),
+		"chatty_period_ms": h.plan.chattyPeriod.Milliseconds()}
 	_ = json.NewEncoder(f).Encode(meta)
 	h.logf("bench (%s): %d CPUs, kernel %s, %s; generator on CPU %q, proxies on CPU %q", h.plan.name,
 		h.mach.Nproc, h.mach.Kernel, h.mach.CPU, h.genCPU, h.proxyCPU)
@@ -164,6 +202,11 @@ func (h *harness) run(ctx context.Context) error {
 	}()
 	if t := h.find("nginx"); t != nil && t.PID() > 0 {
 		h.logf("nginx workers: %d", len(childrenOf(t.PID())))
+	}
+	h.chattyN = chattyConns(h.plan, nofileHard())
+	if h.want("chatty") && h.chattyN < h.plan.chattyConns {
+		h.logf("chatty: %d connections instead of %d (open-file hard limit %d: a proxy needs two per connection)",
+			h.chattyN, h.plan.chattyConns, nofileHard())
 	}
 
 	// Idle connections first, while every proxy is fresh: after the bulk
@@ -317,13 +360,23 @@ func (h *harness) gen(timeout time.Duration, args ...string) (Result, error) {
 
 func (h *harness) interleaved(round int, sp spec, t *target) {
 	bg, waited, noisy := h.quiet()
-	conns := sp.conns
-	if sp.test == "hs" {
+	conns, dur, warm, timeout := sp.conns, h.plan.dur, h.plan.warm, h.plan.dur+60*time.Second
+	switch sp.test {
+	case "hs":
 		conns = h.plan.hsConc
+	case "chatty":
+		// Warm-up: one period for the jittered starts to spread, plus the
+		// plan's warm-up. The timeout leaves time to connect and close
+		// thousands of connections through a slow handshake path.
+		conns, dur, warm = h.chattyN, h.plan.chattyDur, h.plan.warm+h.plan.chattyPeriod
+		timeout = dur + warm + 180*time.Second
 	}
 	args := []string{"-test", sp.test, "-addr", t.Addr, "-conns", strconv.Itoa(conns), "-size", strconv.Itoa(sp.size),
-		"-dur", h.plan.dur.String(), "-warm", h.plan.warm.String(), "-pids", h.pids(t), "-stats", h.stats}
-	r, err := h.gen(h.plan.dur+60*time.Second, args...)
+		"-dur", dur.String(), "-warm", warm.String(), "-pids", h.pids(t), "-stats", h.stats}
+	if sp.test == "chatty" {
+		args = append(args, "-period", h.plan.chattyPeriod.String(), "-proxy", strconv.Itoa(t.PID()))
+	}
+	r, err := h.gen(timeout, args...)
 	if err != nil {
 		r = Result{Test: sp.test, Conns: conns, Size: sp.size, Errors: 1, Note: "run failed: " + err.Error()}
 	}
@@ -339,6 +392,10 @@ func (h *harness) interleaved(round int, sp spec, t *target) {
 	case "hs":
 		h.logf("r%d %-20s hs    %3d conc:  %8.0f hs/s p50 %.2fms p99 %.2fms cpu %.0f µs/hs  errors %d bg %.0f%% %s",
 			round, t.Name, conns, r.HsPerS, r.HsP50ms, r.HsP99ms, r.CPUUsPerHs, r.Errors, bg*100, r.Note)
+	case "chatty":
+		h.logf("r%d %-20s chatty %4d conns: %7.0f msg/s, proxy %.1f%% of a CPU = %.2f ms/1000 msgs, kernel threads %.2f, attributed %.2f, machine %.2f ms/1000 msgs (busy %.0f%%); p50 %.0fµs p99 %.0fµs; connected in %.1fs; generator %.0f%% of its CPU, others %.0f%% of the machine  errors %d bg %.0f%% %s",
+			round, t.Name, conns, r.MsgsPerS, r.ProxyCPUPct, r.ProxyMsPerKMsg, r.KthreadMsPerKMsg, r.AttrMsPerKMsg, r.CPUMsPerKMsg,
+			r.MachineBusy*100, r.P50us, r.P99us, r.ConnectS, r.GenCPUPct, r.OtherLoad*100, r.Errors, bg*100, r.Note)
 	}
 }
 

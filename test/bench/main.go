@@ -30,7 +30,7 @@ type Result struct {
 	Kind   string `json:"kind"` // "result"
 	Round  int    `json:"round"`
 	Target string `json:"target"`
-	Test   string `json:"test"` // echo, bulk, hs, idle, slow
+	Test   string `json:"test"` // echo, bulk, hs, idle, slow, chatty
 	Conns  int    `json:"conns"`
 	Size   int    `json:"size,omitempty"`
 
@@ -76,6 +76,25 @@ type Result struct {
 	CPUUsPerHs     float64 `json:"cpu_us_per_hs,omitempty"`
 	CPUAttrUsPerHs float64 `json:"cpu_attr_us_per_hs,omitempty"`
 
+	// Chatty test: each connection sends a message every PeriodMs
+	// (jittered) and waits for its echo. ProxyPID is set when there is a
+	// proxy (not direct); then an absent proxy_* figure means 0.
+	// ProxyCPUS is user+sys of the proxy and its descendants (nginx's
+	// workers) from /proc/PID/stat; KthreadCPUS is every kernel thread's
+	// (kernel workers, ksoftirqd: whole machine, not only ours). The
+	// per-message figures are ms per 1000 messages (= µs per message).
+	PeriodMs         float64 `json:"period_ms,omitempty"`
+	ConnectS         float64 `json:"connect_s,omitempty"`
+	ProxyPID         int     `json:"proxy_pid,omitempty"`
+	ProxyCPUS        float64 `json:"proxy_cpu_s,omitempty"`
+	ProxyCPUPct      float64 `json:"proxy_cpu_pct,omitempty"` // % of one CPU
+	KthreadCPUS      float64 `json:"kthread_cpu_s,omitempty"`
+	GenCPUPct        float64 `json:"gen_cpu_pct,omitempty"` // the generator's own CPU, % of one CPU (it is pinned to one)
+	ProxyMsPerKMsg   float64 `json:"proxy_ms_per_kmsg,omitempty"`
+	KthreadMsPerKMsg float64 `json:"kthread_ms_per_kmsg,omitempty"`
+	AttrMsPerKMsg    float64 `json:"cpu_attr_ms_per_kmsg,omitempty"`
+	CPUMsPerKMsg     float64 `json:"cpu_ms_per_kmsg,omitempty"`
+
 	IdleConns    int     `json:"idle_conns,omitempty"`
 	RSSBefore    int64   `json:"rss_before,omitempty"`
 	RSSAfter     int64   `json:"rss_after,omitempty"`
@@ -106,7 +125,7 @@ func main() {
 func run() error {
 	var (
 		role    = flag.String("role", "", "internal: backend, gen or idle (the harness re-executes itself)")
-		quick   = flag.Bool("quick", false, "a shorter run (under 2 minutes): one round, shorter windows, fewer idle connections")
+		quick   = flag.Bool("quick", false, "a shorter run (about 3 minutes): one round, shorter windows, fewer idle and chatty connections")
 		out     = flag.String("out", "bench-results.jsonl", "JSON lines output, one line per measurement")
 		md      = flag.String("md", "", "also write the markdown report to this file")
 		pin     = flag.Bool("pin", true, "pin the generator to CPU 0 and the proxy to CPU 1 (taskset)")
@@ -115,12 +134,15 @@ func run() error {
 		dur     = flag.Duration("dur", 0, "measurement window per run (default 2s, quick 1s)")
 		idleN   = flag.Int("idle", 0, "idle connections per target (default 8000, quick 1000)")
 		busyMax = flag.Float64("busy", 0.25, "background busy share of the machine above which a run waits and retries")
-		tests   = flag.String("tests", "", "comma-separated tests to run: echo1, echo100, bulk1, bulk8, hs, idle, slow (default: all)")
+		tests   = flag.String("tests", "", "comma-separated tests to run: echo1, echo100, bulk1, bulk8, hs, chatty, idle, slow (default: all)")
+		chatN   = flag.Int("chatty", 0, "connections of the chatty test (default 4000, quick 1000; capped by the open-file limit)")
+		chatDur = flag.Duration("chatty-dur", 0, "measurement window of the chatty test (default 15s, quick 6s)")
 		wsBin   = flag.String("wsplice", "", "agent binary (default: go build ./cmd/wsplice into a temporary directory)")
 
 		// Internal flags of the re-executed roles.
 		n      = flag.Int("n", 2, "backend: ports to serve")
-		test   = flag.String("test", "", "gen: echo, bulk, hs or slow")
+		test   = flag.String("test", "", "gen: echo, bulk, hs, slow or chatty")
+		period = flag.Duration("period", 200*time.Millisecond, "gen chatty: mean time between one connection's messages")
 		addr   = flag.String("addr", "", "gen/idle: target address")
 		conns  = flag.Int("conns", 1, "gen/idle: connections")
 		useTLS = flag.Bool("tls", false, "idle: TLS handshake before the upgrade (TLS-terminating targets)")
@@ -129,7 +151,7 @@ func run() error {
 		pids   = flag.String("pids", "", "gen: PIDs whose CPU is attributed to the run")
 		rate   = flag.Int64("rate", 1<<20, "gen slow: reader bytes/s")
 		capB   = flag.Int64("cap", 1<<30, "gen slow: most bytes the sender pushes")
-		proxy  = flag.Int("proxy", 0, "gen slow: proxy PID for RSS")
+		proxy  = flag.Int("proxy", 0, "gen slow: proxy PID for RSS; gen chatty: proxy PID for CPU (with its descendants)")
 		stats  = flag.String("stats", "", "gen: the backends' stats address")
 		recov  = flag.Duration("recover", 5*time.Second, "gen slow: longest wait for kernel memory to come back after the close")
 	)
@@ -147,7 +169,7 @@ func run() error {
 			}
 		}
 		return runGen(genOpts{test: *test, addr: *addr, conns: *conns, size: *size, dur: *dur, warm: *warm,
-			pids: ps, rate: *rate, cap: *capB, proxy: *proxy, stats: *stats, recover: *recov})
+			pids: ps, rate: *rate, cap: *capB, proxy: *proxy, stats: *stats, recover: *recov, period: *period})
 	case "":
 	default:
 		return fmt.Errorf("unknown role %q", *role)
@@ -162,6 +184,12 @@ func run() error {
 	}
 	if *idleN > 0 {
 		p.idleConns = *idleN
+	}
+	if *chatN > 0 {
+		p.chattyConns = *chatN
+	}
+	if *chatDur > 0 {
+		p.chattyDur = *chatDur
 	}
 	p.busyMax = *busyMax
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)

@@ -120,9 +120,13 @@ func (h *harness) report(elapsed time.Duration) string {
 	if h.genCPU != "" {
 		pin = fmt.Sprintf("generator pinned to CPU %s and each proxy to CPU %s (taskset), backends unpinned", h.genCPU, h.proxyCPU)
 	}
-	fmt.Fprintf(&b, "Run: %d round(s) with targets interleaved (order rotated each round), %s windows after %s warm-up; %s; everything on loopback. "+
+	chatty := ""
+	if h.ran("chatty") {
+		chatty = fmt.Sprintf(" (the chatty test: %s windows after %s)", p.chattyDur, p.warm+p.chattyPeriod)
+	}
+	fmt.Fprintf(&b, "Run: %d round(s) with targets interleaved (order rotated each round), %s windows after %s warm-up%s; %s; everything on loopback. "+
 		"Took %s. Cells are medians over rounds; every run is a line in %s.\n\n",
-		p.rounds, p.dur, p.warm, pin, elapsed.Round(time.Second), h.outPath)
+		p.rounds, p.dur, p.warm, chatty, pin, elapsed.Round(time.Second), h.outPath)
 	var noisy, total int
 	maxBg := 0.0
 	for _, r := range h.results {
@@ -279,6 +283,9 @@ func (h *harness) report(elapsed time.Duration) string {
 		n := tg.Name
 		t.row(n+errs(n, "hs"), num(med(n, "hs", 0, hsps), 0), num(med(n, "hs", 0, hs50), 2), num(med(n, "hs", 0, hs99), 2),
 			num(med(n, "hs", 0, cpuHs), 0), num(med(n, "hs", 0, cpuAttrHs), 0))
+	}
+	if h.ran("chatty") {
+		h.chattyReport(t, live(false))
 	}
 	fmt.Fprintf(&b, "\n### Idle connections: %d held from a separate process (bytes per connection)\n\n", p.idleConns)
 	t.head("target", "connections", "proxy RSS", "kernel: slab objects in use", "above direct", "kernel: SUnreclaim", "kernel: MemAvailable drop")
@@ -447,4 +454,130 @@ func (h *harness) report(elapsed time.Duration) string {
 	}
 	b.WriteString("\n")
 	return b.String()
+}
+
+// ran reports whether test has at least one result.
+func (h *harness) ran(test string) bool {
+	for _, r := range h.results {
+		if r.Test == test {
+			return true
+		}
+	}
+	return false
+}
+
+// chattyReport writes the chatty test's table and its ratios.
+func (h *harness) chattyReport(t table, targets []*target) {
+	b := t.b
+	p := h.plan
+	nan := math.NaN()
+	med := func(tg string, f func(Result) float64) float64 { return h.median(tg, "chatty", 0, f) }
+	// Per-message figures say nothing without messages.
+	pm := func(f func(Result) float64) func(Result) float64 {
+		return func(r Result) float64 {
+			if r.Msgs == 0 {
+				return nan
+			}
+			return f(r)
+		}
+	}
+	msgs := func(r Result) float64 { return r.MsgsPerS }
+	conns := func(r Result) float64 { return float64(r.Conns) }
+	proxyPct := func(r Result) float64 {
+		if r.ProxyPID == 0 {
+			return nan
+		}
+		return r.ProxyCPUPct
+	}
+	proxyK := pm(func(r Result) float64 {
+		if r.ProxyPID == 0 {
+			return nan
+		}
+		return r.ProxyMsPerKMsg
+	})
+	kthrK := pm(func(r Result) float64 { return r.KthreadMsPerKMsg })
+	attrK := pm(func(r Result) float64 { return r.AttrMsPerKMsg })
+	machK := pm(func(r Result) float64 { return r.CPUMsPerKMsg })
+	busy := func(r Result) float64 { return r.MachineBusy * 100 }
+	p50 := pm(func(r Result) float64 { return r.P50us })
+	p99 := pm(func(r Result) float64 { return r.P99us })
+	errs := func(tg string) string {
+		if n := h.errorsOf(tg, "chatty"); n > 0 {
+			return fmt.Sprintf(" (%d errors)", n)
+		}
+		return ""
+	}
+	n := h.chattyN
+	perConn := float64(time.Second) / float64(p.chattyPeriod)
+	fmt.Fprintf(b, "\n### Chatty: %d connections, each a 64-byte echo about every %s (%.0f msg/s per connection, jittered), %s window after all are connected and %s warm-up\n\n",
+		n, p.chattyPeriod, perConn, p.chattyDur, p.warm+p.chattyPeriod)
+	t.head("target", "connections", fmt.Sprintf("msg/s (offered %.0f)", float64(n)*perConn), "proxy CPU % of one CPU", "proxy CPU ms/1000 msgs",
+		"kernel threads ms/1000 msgs", "attributed ms/1000 msgs", "attributed above direct", "whole machine ms/1000 msgs", "machine busy %", "p50 µs", "p99 µs")
+	dAttr := med("direct", attrK)
+	for _, tg := range targets {
+		nm := tg.Name
+		pp, pk := num(med(nm, proxyPct), 1), num(med(nm, proxyK), 2)
+		above := "—"
+		if nm == "direct" {
+			pp, pk = "n/a", "n/a"
+		} else if !math.IsNaN(dAttr) {
+			above = num(med(nm, attrK)-dAttr, 2)
+		}
+		t.row(nm+errs(nm), num(med(nm, conns), 0), num(med(nm, msgs), 0), pp, pk, num(med(nm, kthrK), 2), num(med(nm, attrK), 2), above,
+			num(med(nm, machK), 2), num(med(nm, busy), 0), lat(med(nm, p50)), lat(med(nm, p99)))
+	}
+	b.WriteString("\nOne message is one round trip: a masked 64-byte frame client → backend and its echo back, so a proxy forwards two messages per row count. " +
+		"Proxy CPU is user+sys of the proxy's processes (nginx: master + workers) from /proc/PID/stat, over the window; 1 ms per 1000 messages = 1 µs per message. " +
+		"It leaves out work the kernel does for the proxy: on the sockmap plane the redirect runs in softirq, charged to whichever process sent the segment " +
+		"(here the generator or the backend), and in kernel workers. \"Kernel threads\" is every kernel thread on the machine (other tenants' too); " +
+		"\"attributed\" is generator + backends + proxy + kernel threads, and \"above direct\" subtracts direct's, which estimates the whole cost of the proxy, kernel included. " +
+		"Whole-machine CPU includes other tenants' load.\n")
+	// Rows below 90 % of the offered rate measured a saturated machine (or
+	// generator), not the proxy at this load: say so.
+	offered := float64(n) * perConn
+	var short []string
+	for _, tg := range targets {
+		if v := med(tg.Name, msgs); !math.IsNaN(v) && v < 0.9*offered {
+			short = append(short, fmt.Sprintf("%s %.0f%%", tg.Name, 100*v/offered))
+		}
+	}
+	if len(short) > 0 {
+		gen := func(r Result) float64 { return r.GenCPUPct }
+		other := func(r Result) float64 { return r.OtherLoad * 100 }
+		var gs, ol []float64
+		for _, tg := range targets {
+			gs, ol = append(gs, med(tg.Name, gen)), append(ol, med(tg.Name, other))
+		}
+		fmt.Fprintf(b, "\n**Below 90%% of the offered rate:** %s. Those connections waited for their echoes longer than their gap, so they sent less "+
+			"and the latencies are mostly queueing. The generator (pinned to one CPU) used %s%% of it (median per target, lowest–highest); "+
+			"processes outside the benchmark used %s%% of the machine.\n",
+			strings.Join(short, ", "), rangeOf(gs, 0), rangeOf(ol, 0))
+	}
+
+	b.WriteString("\n#### Chatty, ratios (medians; ×direct and ×nginx; for CPU and p99 lower is better)\n\n")
+	t.head("target", "msg/s ×direct", "×nginx", "proxy CPU/msg ×nginx", "attributed CPU/msg ×direct", "×nginx",
+		"whole-machine CPU/msg ×direct", "×nginx", "p99 ×direct", "×nginx")
+	for _, tg := range targets {
+		nm := tg.Name
+		rr := func(f func(Result) float64, base string) string { return ratio(med(nm, f), med(base, f)) }
+		t.row(nm, rr(msgs, "direct"), rr(msgs, "nginx"), rr(proxyK, "nginx"), rr(attrK, "direct"), rr(attrK, "nginx"),
+			rr(machK, "direct"), rr(machK, "nginx"), rr(p99, "direct"), rr(p99, "nginx"))
+	}
+}
+
+// rangeOf formats the smallest and largest non-NaN value ("lo–hi").
+func rangeOf(v []float64, prec int) string {
+	lo, hi := math.Inf(1), math.Inf(-1)
+	for _, x := range v {
+		if !math.IsNaN(x) {
+			lo, hi = min(lo, x), max(hi, x)
+		}
+	}
+	if math.IsInf(lo, 1) {
+		return "—"
+	}
+	if num(lo, prec) == num(hi, prec) {
+		return num(lo, prec)
+	}
+	return num(lo, prec) + "–" + num(hi, prec)
 }

@@ -113,10 +113,28 @@ func allProcs() map[int]procStat {
 // a window can subtract per process (a process that exits meanwhile must
 // not make the sum go backwards).
 func attributedJiffies(roots []int) map[int]uint64 {
-	procs := allProcs()
+	return attributedFrom(allProcs(), roots)
+}
+
+// attributedFrom is attributedJiffies over one snapshot of /proc.
+func attributedFrom(procs map[int]procStat, roots []int) map[int]uint64 {
+	in := treeOf(procs, roots)
+	out := map[int]uint64{}
+	for pid, ps := range procs {
+		if in[pid] || ps.kthread {
+			out[pid] = ps.cpuJiffies
+		}
+	}
+	return out
+}
+
+// treeOf is the set of roots and their descendants in procs.
+func treeOf(procs map[int]procStat, roots []int) map[int]bool {
 	in := map[int]bool{}
 	for _, r := range roots {
-		in[r] = true
+		if r > 0 {
+			in[r] = true
+		}
 	}
 	// Descendants: repeat until no new ones (the tree is shallow).
 	for changed := true; changed; {
@@ -128,9 +146,29 @@ func attributedJiffies(roots []int) map[int]uint64 {
 			}
 		}
 	}
+	return in
+}
+
+// processJiffies is the CPU time (user+sys) of root and its descendants
+// (nginx's master and workers), by PID; empty for root 0 (no proxy).
+func processJiffies(procs map[int]procStat, root int) map[int]uint64 {
+	out := map[int]uint64{}
+	if root <= 0 {
+		return out
+	}
+	for pid := range treeOf(procs, []int{root}) {
+		if ps, ok := procs[pid]; ok && !ps.kthread {
+			out[pid] = ps.cpuJiffies
+		}
+	}
+	return out
+}
+
+// kthreadJiffies is the CPU time of every kernel thread, by PID.
+func kthreadJiffies(procs map[int]procStat) map[int]uint64 {
 	out := map[int]uint64{}
 	for pid, ps := range procs {
-		if in[pid] || ps.kthread {
+		if ps.kthread {
 			out[pid] = ps.cpuJiffies
 		}
 	}

@@ -30,6 +30,9 @@ import (
 const (
 	nginxBin   = "/usr/sbin/nginx"
 	haproxyBin = "/usr/sbin/haproxy"
+	// haproxyMaxconn is HAProxy's global maxconn: with 2 fds per
+	// connection and maxpipes 500 it fits the 20000 hard limit.
+	haproxyMaxconn = 9000
 )
 
 // target is one thing the generator talks to.
@@ -438,9 +441,8 @@ http {
 // (+ a few) fds fit the 20000 hard limit.
 func haproxyConfig(addr string, backends []string, splice bool) string {
 	var b strings.Builder
-	b.WriteString(`global
-    maxconn 9000
-    maxpipes 500
+	fmt.Fprintf(&b, "global\n    maxconn %d\n", haproxyMaxconn)
+	b.WriteString(`    maxpipes 500
 defaults
     mode http
     timeout connect 5s
