@@ -51,11 +51,11 @@ generate-check: generate ## fail when the committed BPF objects differ from thei
 	  test -z "$$(git status --porcelain -- 'pkg/dataplane/*_bpfel.*')" || \
 	  { echo "committed BPF objects are stale: run make generate and commit"; exit 1; }
 
-bench: build ## benchmarks: data planes and algorithms side by side (about 10 minutes)
+bench: build ## benchmarks: data planes and algorithms side by side (about 15 minutes)
 	$(GO) test -run='^$$' -bench=. -benchmem -benchtime=2x ./pkg/balance ./pkg/handshake
 	$(GO) run ./test/bench -out bench-results.jsonl
 
-bench-quick: build ## a shorter benchmark run (under 2 minutes)
+bench-quick: build ## a shorter benchmark run (under 3 minutes)
 	$(GO) run ./test/bench -quick -out bench-results.jsonl
 
 soak: ## the long mixed soak of the sockmap plane
