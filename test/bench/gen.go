@@ -296,14 +296,8 @@ func genEcho(o genOpts) (Result, error) {
 		}
 		<-done
 	}
-	for _, c := range conns {
-		_ = c.(*net.TCPConn).SetLinger(0)
-		c.Close()
-	}
-	var all []int64
-	for _, l := range lat {
-		all = append(all, l...)
-	}
+	resetAll(conns)
+	all := flatten(lat)
 	w.fill(&r)
 	r.Errors = int(errs.Load())
 	r.Msgs = int64(len(all))
@@ -412,16 +406,8 @@ func genChatty(o genOpts) (Result, error) {
 		}
 		<-done
 	}
-	for _, c := range conns {
-		if c != nil {
-			_ = c.(*net.TCPConn).SetLinger(0)
-			c.Close()
-		}
-	}
-	var all []int64
-	for _, l := range lat {
-		all = append(all, l...)
-	}
+	resetAll(conns)
+	all := flatten(lat)
 	w.fill(&r)
 	r.Errors += failed + int(errs.Load())
 	if s, ok := lastErr.Load().(string); ok {
@@ -513,10 +499,7 @@ func genBulk(o genOpts) (Result, error) {
 	a1 := sum()
 	w.stop()
 	phase.Store(phaseStop)
-	for _, c := range conns {
-		_ = c.(*net.TCPConn).SetLinger(0)
-		c.Close()
-	}
+	resetAll(conns)
 	wg.Wait()
 	if err := errors.Join(err0, err1); err != nil {
 		return r, err
@@ -606,10 +589,7 @@ func genHandshakes(o genOpts) (Result, error) {
 	phase.Store(phaseStop)
 	w.stop()
 	wg.Wait()
-	var all []int64
-	for _, l := range lat {
-		all = append(all, l...)
-	}
+	all := flatten(lat)
 	w.fill(&r)
 	r.Errors = int(errs.Load())
 	if s, ok := lastErr.Load().(string); ok {
@@ -759,4 +739,24 @@ func runIdle(addr string, n int, useTLS bool) error {
 		}
 	}
 	return nil
+}
+
+// resetAll closes every connection (nil ones are skipped) with an RST, so
+// that no socket lingers in TIME_WAIT between tests.
+func resetAll(conns []net.Conn) {
+	for _, c := range conns {
+		if c != nil {
+			_ = c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}
+	}
+}
+
+// flatten joins the per-connection latency samples.
+func flatten(lat [][]int64) []int64 {
+	var all []int64
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	return all
 }
