@@ -30,12 +30,7 @@ func (s *objSource) Objects() (Objects, error) {
 // listener and 300 connections, each descriptor with its record; the old
 // side's result counts them.
 func TestHandConnTakeover(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "takeover.sock")
-	ts, err := ListenTakeover(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ts.Close()
+	path, ts := testTakeover(t)
 	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode %v %v, want 0600", st.Mode(), err)
 	}
@@ -115,12 +110,7 @@ func TestHandConnTakeover(t *testing.T) {
 // (the other process may serve it): its connections are shut down both
 // ways, and nothing is resumed.
 func TestHandConnNoAnswer(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "takeover.sock")
-	ts, err := ListenTakeover(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ts.Close()
+	path, ts := testTakeover(t)
 	src := newFakeSource(t, 3)
 	hold := make(chan struct{})
 	defer close(hold)
@@ -163,12 +153,7 @@ func TestHandConnNoAnswer(t *testing.T) {
 // TestHandConnPeerGivesUp: when the connected agent says it failed, it
 // adopted nothing: the batch in flight is taken back (resumed), not shut.
 func TestHandConnPeerGivesUp(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "takeover.sock")
-	ts, err := ListenTakeover(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ts.Close()
+	path, ts := testTakeover(t)
 	src := newFakeSource(t, 3)
 	go func() {
 		ch, err := DialTakeover(path)
@@ -263,4 +248,17 @@ func socketpairChannels() (*Channel, *Channel, error) {
 	}
 	b, err := newChannel(os.NewFile(uintptr(fds[1]), "b"))
 	return a, b, err
+}
+
+// testTakeover listens on a take-over socket in a temporary directory
+// for the test's length.
+func testTakeover(t *testing.T) (string, *TakeoverSocket) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "takeover.sock")
+	ts, err := ListenTakeover(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ts.Close() })
+	return path, ts
 }
