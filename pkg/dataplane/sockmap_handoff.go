@@ -120,11 +120,11 @@ func (s *Sockmap) Export() (*SockmapExport, error) {
 		return nil, fmt.Errorf("sockmap: exporting BPF objects: %w", err)
 	}
 	add := func(name string, fd int) error {
-		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		f, err := smDupFile(fd, "bpf:"+name)
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		e.Files = append(e.Files, os.NewFile(uintptr(dup), "bpf:"+name))
+		e.Files = append(e.Files, f)
 		e.meta.Objects = append(e.meta.Objects, name)
 		return nil
 	}
@@ -397,18 +397,26 @@ func (s *Sockmap) Detach(ids []uint64) ([]Detached, error) {
 	return out, errors.Join(errs...)
 }
 
+// smDupFile duplicates fd (close-on-exec) as a file named name: what a
+// hand-off sends, while the plane keeps its own descriptor.
+func smDupFile(fd int, name string) (*os.File, error) {
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(dup), name), nil
+}
+
 // smDupFiles duplicates c's two descriptors as files for a Detached.
 func smDupFiles(c *smConn) (cl, be *os.File, err error) {
 	var fs [2]*os.File
 	for i := range 2 {
-		fd, err := unix.FcntlInt(uintptr(c.fd[i]), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
+		if fs[i], err = smDupFile(c.fd[i], smSide(i)); err != nil {
 			if fs[0] != nil {
 				fs[0].Close()
 			}
 			return nil, nil, fmt.Errorf("duplicating the %s socket: %w", smSide(i), err)
 		}
-		fs[i] = os.NewFile(uintptr(fd), smSide(i))
 	}
 	return fs[0], fs[1], nil
 }
