@@ -112,7 +112,13 @@ func newChannel(f *os.File) (*Channel, error) {
 		c.Close()
 		return nil, fmt.Errorf("hand-off socket: descriptor %d is a %T, not a Unix socket", f.Fd(), c)
 	}
-	return &Channel{c: uc, buf: make([]byte, frameSize+1), oob: make([]byte, unix.CmsgSpace(MaxFDs*4))}, nil
+	return channelOf(uc), nil
+}
+
+// channelOf is a Channel on a connected SOCK_SEQPACKET socket, with
+// buffers for the largest frame and the most descriptors one carries.
+func channelOf(c *net.UnixConn) *Channel {
+	return &Channel{c: c, buf: make([]byte, frameSize+1), oob: make([]byte, unix.CmsgSpace(MaxFDs*4))}
 }
 
 // Inherited returns the channel to the agent that started this process
@@ -259,7 +265,7 @@ func (t *TakeoverSocket) Accept() (*Channel, error) {
 			c.Close()
 			continue
 		}
-		return &Channel{c: c, buf: make([]byte, frameSize+1), oob: make([]byte, unix.CmsgSpace(MaxFDs*4))}, nil
+		return channelOf(c), nil
 	}
 }
 
@@ -279,7 +285,7 @@ func DialTakeover(path string) (*Channel, error) {
 		}
 		return nil, fmt.Errorf("take-over socket %s: %w", path, err)
 	}
-	return &Channel{c: c, buf: make([]byte, frameSize+1), oob: make([]byte, unix.CmsgSpace(MaxFDs*4))}, nil
+	return channelOf(c), nil
 }
 
 // send writes m with files attached to its first frame. The descriptors
