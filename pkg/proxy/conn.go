@@ -381,17 +381,11 @@ func (s *Server) startPlane(l *listener, conn *Conn, c, be *net.TCPConn, release
 		ID: conn.ID, Client: c, Backend: be, IdleTimeout: l.cfg.IdleTimeout.D(),
 		Done: func(r dataplane.Result) { s.closed(conn, r, release) },
 	}
-	var plane dataplane.Plane
-	if l.plane != "splice" && s.planes.Sockmap != nil {
-		plane = s.planes.Sockmap
-		conn.Plane = plane
-		s.table.add(conn)
-		err := plane.Start(dc)
+	if sm := s.planes.Sockmap; l.plane != "splice" && sm != nil {
+		err := s.enter(conn, sm, func() error { return sm.Start(dc) })
 		if err == nil {
-			s.Counters.Established.Add(1)
 			return true
 		}
-		s.table.remove(conn.ID)
 		if socketDied(err) {
 			// A socket was reset while joining (the error is consumed by the
 			// read that saw it): splice would read a clean EOF and pass on a
@@ -405,17 +399,28 @@ func (s *Server) startPlane(l *listener, conn *Conn, c, be *net.TCPConn, release
 		s.Counters.PlaneFallbacks.Add(1)
 		s.log.Debug("sockmap refused connection, using splice", "id", conn.ID, "err", err)
 	}
-	plane = s.planes.Splice
-	conn.Plane = plane
-	s.table.add(conn)
-	if err := plane.Start(dc); err != nil {
-		s.table.remove(conn.ID)
+	sp := s.planes.Splice
+	if err := s.enter(conn, sp, func() error { return sp.Start(dc) }); err != nil {
 		s.log.Warn("data plane failed", "id", conn.ID, "err", err)
 		c.Close()
 		return false
 	}
-	s.Counters.Established.Add(1)
 	return true
+}
+
+// enter puts conn in the table on plane p, then runs start (the plane's
+// Start): the entry exists before any byte moves, so a Done, however
+// soon, finds it. On error the entry goes again; on success the
+// connection counts as established.
+func (s *Server) enter(conn *Conn, p dataplane.Plane, start func() error) error {
+	conn.Plane = p
+	s.table.add(conn)
+	if err := start(); err != nil {
+		s.table.remove(conn.ID)
+		return err
+	}
+	s.Counters.Established.Add(1)
+	return nil
 }
 
 // closed runs when the data plane is done with a connection.

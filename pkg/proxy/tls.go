@@ -390,15 +390,11 @@ func (s *Server) handOff(l *listener, conn *Conn, c *net.TCPConn, be *net.TCPCon
 		ID: conn.ID, Client: cs, Backend: bs, IdleTimeout: l.cfg.IdleTimeout.D(),
 		Done: func(r dataplane.Result) { s.closed(conn, r, release) },
 	}
-	conn.Plane = p
-	s.table.add(conn)
-	if err := p.StartStreams(cc); err != nil {
-		s.table.remove(conn.ID)
+	if err := s.enter(conn, p, func() error { return p.StartStreams(cc) }); err != nil {
 		s.log.Warn("data plane failed", "id", conn.ID, "err", err)
 		cs.Close()
 		return false
 	}
-	s.Counters.Established.Add(1)
 	return true
 }
 
